@@ -1,0 +1,31 @@
+# Every target installs what it needs into .venv on a fresh machine (torch's CPU wheel first: a plain
+# `pip install torch` would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python -m tianying.demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check tianying tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

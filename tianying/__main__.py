@@ -1,0 +1,5 @@
+import sys
+
+from tianying.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""`tianying <verb>`: a table of verbs, each a thin module over the Python API.
+
+Each verb module defines `register(subparsers)`, which adds its parser and sets `func` to a function
+taking the parsed args. Verbs import their heavy dependencies (torch) inside `func`, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tianying import __version__
+from tianying.errors import TianyingError
+
+# module names under tianying.cli, in the order `--help` lists them
+VERBS = ["generate", "chat", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tianying",
+        description="天鹰 tianying: run, train, finetune, quantize, serve and evaluate Aquila models.",
+        epilog="Run `tianying VERB --help` for the options of one verb.",
+    )
+    parser.add_argument("--version", action="version", version=f"tianying {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in VERBS:
+        importlib.import_module(f"tianying.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except TianyingError as e:
+        print(f"tianying {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"tianying {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal bug: keep the traceback available, but not by default
+        if os.environ.get("TIANYING_DEBUG"):
+            raise
+        print(f"tianying {args.verb}: internal error: {type(e).__name__}: {e} "
+              "(set TIANYING_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Model configuration: one dataclass and a table of named configs.
+
+Every Aquila variant is a set of field values, never a subclass. `Config.from_hf` reads the three
+config.json dialects found in the wild (transformers' `llama`, BAAI's `aquila`, FlagAI's native v1 fields)
+and guards against the hub's known traps (seed-spec §1.2): v1 configs carry LLaMA's placeholder bos/eos
+ids 1 and 2 (which are `!` and `"` in the Aquila vocabulary), and one AquilaChat2-34B-16K revision has two
+`rope_scaling` keys, where a plain JSON parser silently keeps the disabling `null`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tianying.errors import TianyingError
+
+
+class ConfigError(TianyingError, ValueError):
+    """A config that cannot describe a model (unknown name, contradictory or duplicated fields)."""
+
+
+AQUILA_BOS, AQUILA_EOS, AQUILA_PAD = 100006, 100007, 0
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    vocab_size: int = 100008
+    hidden_size: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int | None = None  # None → n_head (multi-head attention)
+    intermediate_size: int = 11008
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Hugging Face vocabulary: {"type"/"rope_type": "linear"|"dynamic"|..., "factor": f, ...} or None.
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = AQUILA_BOS
+    eos_token_id: int | None = AQUILA_EOS
+    pad_token_id: int | None = AQUILA_PAD
+    initializer_range: float = 0.02
+    chat_template: str | None = None  # name in tianying.templates; stored with the checkpoint
+    torch_dtype: str | None = None  # dtype the weights were saved in ("float16", "bfloat16", ...)
+    extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept for round-trip
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.hidden_size % self.n_head:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.n_kv_head * self.head_dim
+        per_layer = d * d * 2 + 2 * d * kv + 3 * d * f + 2 * d
+        return 2 * v * d + self.n_layer * per_layer + d
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ named configs
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        key = name.lower()
+        if key not in CONFIGS:
+            known = ", ".join(sorted(CONFIGS))
+            raise ConfigError(f"unknown model config {name!r}; known: {known}")
+        return cls(**{**CONFIGS[key], "name": key, **overrides})
+
+    # ------------------------------------------------------------------ config.json
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Path | dict) -> Config:
+        """Read a transformers (`llama`/`aquila`) or FlagAI-native config.json."""
+        if isinstance(path_or_dict, dict):
+            raw = path_or_dict
+        else:
+            path = Path(path_or_dict)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise ConfigError(f"no config.json at {path}")
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if "dim" in raw and "hidden_size" not in raw:
+            return cls._from_flagai(raw)
+        return cls._from_transformers(raw)
+
+    @classmethod
+    def _from_transformers(cls, raw: dict) -> Config:
+        model_type = str(raw.get("model_type", "llama")).lower()
+        if model_type not in ("llama", "aquila", "aquilachat"):
+            raise ConfigError(f"model_type {model_type!r} is not a LLaMA/Aquila model")
+        if raw.get("tie_word_embeddings"):
+            raise ConfigError("tied input/output embeddings are not an Aquila layout")
+        try:
+            n_head = int(raw["num_attention_heads"])
+            cfg = dict(
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=int(raw["hidden_size"]),
+                n_layer=int(raw["num_hidden_layers"]),
+                n_head=n_head,
+                n_kv_head=int(raw.get("num_key_value_heads") or n_head),
+                intermediate_size=int(raw["intermediate_size"]),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(raw.get("rope_theta", 10000.0)),
+                rope_scaling=raw.get("rope_scaling"),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=raw.get("eos_token_id"),
+                pad_token_id=raw.get("pad_token_id"),
+                initializer_range=float(raw.get("initializer_range", 0.02)),
+                chat_template=raw.get("tianying_chat_template"),
+                torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        if isinstance(cfg["eos_token_id"], list):
+            cfg["eos_token_id"] = cfg["eos_token_id"][0]
+        known = {
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tianying_chat_template",
+            "torch_dtype", "dtype", "model_type", "architectures", "tie_word_embeddings",
+        }
+        cfg["extra"] = {k: v for k, v in raw.items() if k not in known}
+        return cls(**_fix_special_ids(cfg))
+
+    @classmethod
+    def _from_flagai(cls, raw: dict) -> Config:
+        """FlagAI v1 native fields (seed-spec §1.4); FFN width follows its multiple_of rule."""
+        try:
+            d, n_head = int(raw["dim"]), int(raw["n_heads"])
+            multiple_of = int(raw.get("multiple_of", 256))
+            ffn = raw.get("intermediate_size") or ffn_width(d, multiple_of)
+            cfg = dict(
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=d,
+                n_layer=int(raw["n_layers"]),
+                n_head=n_head,
+                n_kv_head=int(raw.get("n_kv_heads") or n_head),
+                intermediate_size=int(ffn),
+                max_position_embeddings=int(raw.get("max_seq_len", 2048)),
+                rms_norm_eps=float(raw.get("norm_eps", 1e-6)),
+                initializer_range=float(raw.get("initializer_range", 0.02)),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=raw.get("eos_token_id"),
+                pad_token_id=raw.get("pad_token_id", AQUILA_PAD),
+                chat_template=raw.get("tianying_chat_template"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"FlagAI config.json lacks required field {e.args[0]!r}") from None
+        return cls(**_fix_special_ids(cfg))
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers' LlamaForCausalLM loads unchanged."""
+        out = {
+            **self.extra,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+        for k in ("auto_map",):  # remote-code pointers would make transformers look for files we do not write
+            out.pop(k, None)
+        if self.torch_dtype:
+            out["torch_dtype"] = self.torch_dtype
+        if self.chat_template:
+            out["tianying_chat_template"] = self.chat_template
+        return out
+
+    def to_flagai(self) -> dict:
+        return {
+            "dim": self.hidden_size,
+            "n_heads": self.n_head,
+            "n_kv_heads": self.n_kv_head,
+            "n_layers": self.n_layer,
+            "intermediate_size": self.intermediate_size,
+            "multiple_of": 256,
+            "norm_eps": self.rms_norm_eps,
+            "vocab_size": self.vocab_size,
+            "max_seq_len": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            **({"tianying_chat_template": self.chat_template} if self.chat_template else {}),
+        }
+
+
+def ffn_width(dim: int, multiple_of: int = 256) -> int:
+    """FlagAI v1 rule: int(2·4d/3) rounded up to a multiple of `multiple_of` (4096 → 11008)."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def normalize_rope_scaling(rs: dict) -> dict | None:
+    """Accept both HF spellings (`type` and `rope_type`); reject what we cannot compute."""
+    if not isinstance(rs, dict):
+        raise ConfigError(f"rope_scaling must be an object or null, got {rs!r}")
+    rs = dict(rs)
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    from tianying.rope import SCALING_KINDS  # floor-1 sibling; import here to keep config importable alone
+
+    if kind not in SCALING_KINDS:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (known: {', '.join(SCALING_KINDS)})")
+    if "factor" not in rs or float(rs["factor"]) < 1.0:
+        raise ConfigError(f"rope_scaling {rs!r} needs a factor ≥ 1")
+    rs["type"] = rs["rope_type"] = kind
+    rs["factor"] = float(rs["factor"])
+    return rs
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen and seen[k] != v:
+            if k == "model_type":  # AquilaChat-7B has "AquilaChat" then "llama": harmless, both mean LLaMA
+                warnings.warn(f"config.json has duplicate key {k!r} ({seen[k]!r}, {v!r}); using {v!r}")
+            else:
+                raise ConfigError(
+                    f"config.json has the key {k!r} twice with different values ({seen[k]!r} and {v!r}); "
+                    "a JSON parser would silently keep the last one — fix the file"
+                )
+        seen[k] = v
+    return seen
+
+
+def _fix_special_ids(cfg: dict) -> dict:
+    """v1 configs say bos=1, eos=2 (LLaMA defaults); in the 100,008 Aquila vocab those are `!` and `"`."""
+    if cfg["vocab_size"] in (100008, 100000):
+        if cfg.get("bos_token_id") in (1, None) or cfg.get("eos_token_id") in (2, None):
+            if cfg.get("bos_token_id") == 1 or cfg.get("eos_token_id") == 2:
+                warnings.warn(
+                    "config.json has LLaMA's placeholder bos/eos ids (1, 2), which are '!' and '\"' in the "
+                    f"Aquila vocabulary; using [CLS]={AQUILA_BOS} and </s>={AQUILA_EOS}"
+                )
+            cfg["bos_token_id"], cfg["eos_token_id"] = AQUILA_BOS, AQUILA_EOS
+    return cfg
+
+
+_AQUILA_7B = dict(vocab_size=100008, hidden_size=4096, n_layer=32, n_head=32, n_kv_head=32,
+                  intermediate_size=11008, max_position_embeddings=2048, rms_norm_eps=1e-5)
+_AQUILA2_34B = dict(vocab_size=100008, hidden_size=6144, n_layer=60, n_head=48, n_kv_head=8,
+                    intermediate_size=24576, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                    torch_dtype="bfloat16")
+
+CONFIGS: dict[str, dict] = {
+    # seed-spec §1.2 (HF config.json values); chat templates from §4.1's template_map
+    "aquila-7b": {**_AQUILA_7B, "rms_norm_eps": 1e-6, "torch_dtype": "float16"},
+    "aquilachat-7b": {**_AQUILA_7B, "torch_dtype": "float16", "chat_template": "aquila-chat"},
+    "aquilacode-7b-nv": {**_AQUILA_7B, "torch_dtype": "float16", "chat_template": "aquila-chat"},
+    "aquilacode-7b-ts": {**_AQUILA_7B, "torch_dtype": "float16", "chat_template": "aquila-chat"},
+    "aquila-33b": dict(vocab_size=100008, hidden_size=6656, n_layer=60, n_head=52, n_kv_head=52,
+                       intermediate_size=17920, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "aquila2-7b": {**_AQUILA_7B, "torch_dtype": "float16"},
+    "aquilachat2-7b": {**_AQUILA_7B, "torch_dtype": "float16", "chat_template": "aquila-v1"},
+    "aquilachat2-7b-16k": {**_AQUILA_7B, "torch_dtype": "float16", "max_position_embeddings": 16384,
+                           "rope_scaling": {"type": "linear", "factor": 8.0}, "chat_template": "aquila"},
+    "aquila2-34b": dict(_AQUILA2_34B),
+    "aquilachat2-34b": {**_AQUILA2_34B, "chat_template": "aquila-legacy"},
+    "aquilachat2-34b-16k": {**_AQUILA2_34B, "rope_scaling": {"type": "linear", "factor": 4.0},
+                            "chat_template": "aquila"},
+    "aquila2-70b-expr": dict(vocab_size=100008, hidden_size=8192, n_layer=80, n_head=64, n_kv_head=8,
+                             intermediate_size=28672, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                             torch_dtype="bfloat16"),
+    "aquilachat2-70b-expr": dict(vocab_size=100008, hidden_size=8192, n_layer=80, n_head=64, n_kv_head=8,
+                                 intermediate_size=28672, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                 torch_dtype="bfloat16", chat_template="aquila-v2"),
+    # small models for tests, demos and benchmarks (not released checkpoints)
+    "demo": dict(vocab_size=16000, hidden_size=256, n_layer=4, n_head=4, n_kv_head=4, intermediate_size=688,
+                 max_position_embeddings=1024, rms_norm_eps=1e-5, chat_template="aquila-v1"),
+    "tiny": dict(vocab_size=100008, hidden_size=256, n_layer=4, n_head=4, n_kv_head=4, intermediate_size=688,
+                 max_position_embeddings=2048, rms_norm_eps=1e-5),
+    "small": dict(vocab_size=100008, hidden_size=768, n_layer=12, n_head=12, n_kv_head=12,
+                  intermediate_size=2048, max_position_embeddings=2048, rms_norm_eps=1e-5),
+    "test-mha": dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, n_kv_head=4, intermediate_size=176,
+                     max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    "test-gqa": dict(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=176,
+                     max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+}

@@ -1,0 +1,250 @@
+"""The Aquila transformer, one file.
+
+Aquila / Aquila2 is a LLaMA-shaped decoder (seed-spec §1.1):
+- pre-norm blocks: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)); RMSNorm variance in fp32
+- rotary position embeddings in the rotate-half layout, angles computed in fp32 (tianying.rope), with
+  optional `rope_scaling` (linear position interpolation for the released 16K chat models)
+- grouped-query attention (n_kv_head ≤ n_head; KV heads shared by consecutive query heads) via SDPA
+- SwiGLU MLP: down(silu(gate(x)) · up(x))
+- no biases anywhere; untied input embedding and LM head; no embedding scaling
+
+Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) so a
+transformers state dict loads with no renaming. Generation uses a preallocated `KVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tianying.config import Config
+from tianying.rope import apply_rope, rope_cos_sin
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa arrived in 2.5
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [n_layer, B, n_kv_head, max_len, head_dim].
+
+    `pos` is the number of filled positions (shared by the batch; left padding makes rows ragged, and
+    `valid` marks which cached positions are real tokens).
+    """
+
+    def __init__(self, cfg: Config, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid: torch.Tensor | None = None  # [B, max_len] bool once any padding was seen
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        end = self.pos + T
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.valid = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_head != self.n_head:
+            if _SDPA_HAS_GQA:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+            else:  # torch < 2.5
+                rep = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Mirrors transformers' `LlamaModel` so that parameter names match (`model.layers.N...`)."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._rope_table: tuple | None = None  # (len, device, dtype, cos, sin) for unscaled/linear RoPE
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """normal(0, initializer_range) on every Linear/Embedding weight, ones on norms (as HF/FlagAI)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # ------------------------------------------------------------------ rotary tables
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        scaling = cfg.rope_scaling
+        if scaling and scaling["type"] not in ("linear",):
+            # length-dependent variants are recomputed per forward, as transformers does
+            seq_len = int(positions.max()) + 1
+            return rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, scaling, cfg.max_position_embeddings,
+                                seq_len=seq_len, dtype=dtype)
+        need = int(positions.max()) + 1
+        t = self._rope_table
+        if t is None or t[0] < need or t[1] != positions.device or t[2] != dtype:
+            n = max(need, cfg.max_position_embeddings)
+            cos, sin = rope_cos_sin(torch.arange(n, device=positions.device), cfg.head_dim, cfg.rope_theta,
+                                    scaling, cfg.max_position_embeddings, seq_len=n, dtype=dtype)
+            t = self._rope_table = (n, positions.device, dtype, cos, sin)
+        return t[3][positions], t[4][positions]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`).
+
+        Args:
+            input_ids: [B, T] token ids.
+            cache: a KVCache to append to (its `pos` advances by T); None for a plain forward.
+            positions: [B, T] rotary positions (default: cache.pos + arange(T)); left-padded batches pass
+                their own so every row starts at position 0.
+            pad_mask: [B, T] bool, False where a token is padding (it is never attended to).
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
+        device = input_ids.device
+        if positions is None:
+            positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)
+
+        # key validity: which of the (cached + new) positions are real tokens
+        valid = None
+        if cache is not None:
+            if pad_mask is not None and cache.valid is None:
+                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+            if cache.valid is not None:
+                cache.valid[:, start:start + T] = True if pad_mask is None else pad_mask
+                valid = cache.valid[:, :start + T]
+        elif pad_mask is not None:
+            valid = pad_mask
+
+        mask, is_causal = None, False
+        if valid is None and start == 0:
+            is_causal = T > 1
+        elif valid is not None or T > 1:
+            S = start + T
+            q_idx = torch.arange(start, S, device=device)[:, None]
+            k_idx = torch.arange(S, device=device)[None, :]
+            mask = (k_idx <= q_idx)[None, None]  # [1, 1, T, S]
+            if valid is not None:
+                # a padded query may see nothing; letting it see itself avoids NaN rows (its output is unused)
+                mask = (mask & valid[:, None, None, :]) | (k_idx == q_idx)[None, None]
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: logits[:, :-1] predict labels[:, 1:], mean over non-ignored (fp32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=ignore_index)
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                init: bool = True, seed: int | None = None) -> Transformer:
+    """A freshly initialised model (init=False leaves it on the meta device for a checkpoint to fill)."""
+    if not init:
+        with torch.device("meta"):
+            return Transformer(cfg)
+    with torch.device(device):
+        model = Transformer(cfg)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(gen)
+    return model.to(dtype)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
