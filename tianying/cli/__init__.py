@@ -28,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for name in VERBS:
-        importlib.import_module(f"tianying.cli.{name}").register(sub)
+        try:
+            module = importlib.import_module(f"tianying.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tianying.cli.{name}":
+                raise
+            print(f"tianying: warning: verb {name!r} is not installed", file=sys.stderr)
+            continue
+        module.register(sub)
     return parser
 
 

@@ -1,0 +1,47 @@
+"""Options shared by the verbs that load a model and sample from it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or FlagAI layout)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="weight/activation dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights on load")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="keep resident weights under SIZE (e.g. 2GiB) by streaming layers from disk")
+    p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"stop after N new tokens (default: {max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="softmax temperature; 0 = greedy decoding (default: 0)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the logits of already-seen tokens by R (>1 discourages repeats; default 1)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable); the stop text is not printed")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    g.add_argument("--legacy", action="store_true",
+                   help="reproduce the seed's Aquila2 predict(): top-p → top-k → temperature, no </s> first")
+
+
+def load_llm(args):
+    from tianying.api import LLM
+
+    return LLM.load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                    memory_limit=args.memory_limit, lora=args.lora, template=getattr(args, "template", None))
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+                legacy=args.legacy)

@@ -1,0 +1,67 @@
+"""`tianying chat CKPT`: interactive chat on a terminal; one reply per input line from a pipe."""
+
+from __future__ import annotations
+
+import sys
+
+from tianying.cli._common import add_load_args, add_sampling_args, load_llm, sampling_kwargs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one reply per stdin line)",
+                       description="Chat using the checkpoint's conversation template. On a terminal: type a "
+                                   "message, the reply streams; /reset clears the history, /exit quits. With "
+                                   "stdin from a pipe: each input line is one user turn and each reply is "
+                                   "printed on one line (newlines inside a reply are written as \\n).")
+    add_load_args(p)
+    p.add_argument("--template", default=None,
+                   help="conversation template: aquila-chat, aquila, aquila-v1, aquila-legacy, aquila-v2 "
+                        "(default: the one stored with the checkpoint)")
+    p.add_argument("--system", default=None, help="a system message replacing the template's system text")
+    p.add_argument("--no-history", action="store_true", help="answer each message on its own")
+    add_sampling_args(p, max_new_tokens=512)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    llm = load_llm(args)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    if interactive:
+        print(f"tianying chat — {llm.path} (template {llm.template}); /reset, /exit", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input("你> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+            line = line.rstrip("\n")
+        if interactive and line.strip() in ("/exit", "/quit"):
+            return 0
+        if interactive and line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + history
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        if interactive:
+            sys.stdout.write("鹰> ")
+        for piece in llm.chat(messages, stream=True, **sampling_kwargs(args)):
+            reply += piece
+            if interactive:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if interactive:
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(reply.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
+        sys.stdout.flush()
+        if not args.no_history:
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
