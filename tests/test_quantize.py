@@ -1,0 +1,183 @@
+"""Quantized linear layers, GPTQ-format checkpoints and GPTQ itself, on tiny random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tianying.config import Config
+from tianying.errors import TianyingError
+from tianying.model import build_model
+from tianying.quantize import QuantizeError, QuantLinear, QuantSpec, apply_quantization, parse_spec, quantize_model
+from tianying.quantize.linear import _probe, pack_nibbles, quantize_rtn, unpack_nibbles, unpack_tinygemm_cpu
+
+SPECS = [QuantSpec(8, -1, True), QuantSpec(8, -1, False), QuantSpec(4, 32, True), QuantSpec(4, 64, False),
+         QuantSpec(4, 128, True), QuantSpec(4, 128, False)]
+
+
+def _linear(k: int = 256, n: int = 96, seed: int = 0, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():  # heavier tails than uniform init, and one outlier row, like real weights
+        lin.weight.copy_(torch.randn(n, k) * 0.02)
+        lin.weight[3] *= 20
+    return lin
+
+
+def _scale_per_element(q: QuantLinear) -> torch.Tensor:
+    g = q.spec.group_width(q.in_features)
+    return q.scales.float().t().repeat_interleave(g, dim=1)  # [N, K]
+
+
+# ---------------------------------------------------------------------------------------------- RTN
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_rtn_error_within_half_scale(spec: QuantSpec) -> None:
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, spec)
+    err = (q.dequantize() - lin.weight).abs()
+    bound = _scale_per_element(q) / 2
+    assert (err <= bound * (1 + 1e-6)).all(), f"max excess {(err - bound).max().item():.3g}"
+    # the bound is tight enough to mean something: the error reaches a sizeable part of it
+    assert (err / bound).max() > 0.9
+    qi = q.int_weight()
+    assert int(qi.max()) <= spec.maxq
+    if spec.sym:
+        assert (q.zeros == (spec.maxq + 1) // 2).all()
+
+
+def test_rtn_uses_the_whole_range_and_exact_grid_values() -> None:
+    """Values already on the grid are reproduced exactly; the extremes map to q = 0 and q = maxq."""
+    spec = QuantSpec(4, 32, False)
+    s = 0.01
+    w = (torch.arange(32, dtype=torch.float32) % 16 - 5) * s  # grid points −5s … 10s
+    q, scales, zeros = quantize_rtn(w.repeat(32, 1), spec)
+    assert scales.float()[0, 0].item() == pytest.approx(s, rel=1e-3)
+    assert int(zeros[0, 0]) == 5 and int(q.min()) == 0 and int(q.max()) == 15
+    m = QuantLinear.from_int(q, scales, zeros, spec)
+    torch.testing.assert_close(m.dequantize(), w.repeat(32, 1), rtol=1e-3, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def test_nibble_and_tinygemm_layouts_round_trip() -> None:
+    q = torch.randint(0, 16, (64, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    assert pack_nibbles(q)[0, 0] == q[0, 0] | (q[0, 1] << 4)
+    if not _probe("int4_cpu"):
+        pytest.skip("no int4 CPU kernel in this torch")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(unpack_tinygemm_cpu(packed), q)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fast_path_equals_reference(spec: QuantSpec, dtype: torch.dtype) -> None:
+    """|fast − reference| ≤ tol · (|x|·|Ŵ|ᵀ): tol 1e-5 for fp32 and 2⁻⁶ for bf16 (a few bf16 ulps of a sum)."""
+    lin = _linear(bias=True)
+    fast = QuantLinear.from_linear(lin, spec)
+    x = torch.randn(2, 5, 256).to(dtype)
+    path = fast.kernel(x)
+    if path == "reference":
+        pytest.skip("no fast kernel for this setting on this platform")
+    assert path == ("int8_cpu" if spec.bits == 8 else "int4_cpu")
+    y = fast(x)
+    ref = QuantLinear.from_linear(lin, spec)
+    ref.backend = "reference"
+    ref.prepare()
+    assert ref.kernel(x) == "reference" and ref.layout in ("int8", "nibble")
+    y_ref = ref(x)
+    assert y.dtype == dtype and y.shape == (2, 5, 96)
+    mag = x.float().abs() @ fast.dequantize().abs().t() + lin.bias.abs()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+    assert ((y.float() - y_ref.float()).abs() <= tol * mag + 1e-6).all()
+    # and both compute x·Ŵᵀ + b
+    exact = x.double() @ fast.dequantize(torch.float64).t() + lin.bias.double()
+    assert ((y.double() - exact).abs() <= 2 * tol * mag.double() + 1e-6).all()
+
+
+def test_env_forces_reference_and_kernel_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    lin = _linear()
+    m = QuantLinear.from_linear(lin, QuantSpec(8))
+    x = torch.randn(3, 256)
+    expected = x @ m.dequantize().t()
+    monkeypatch.setenv("TIANYING_QUANT_BACKEND", "reference")
+    assert m.kernel(x) == "reference"
+    torch.testing.assert_close(m(x), expected)
+    monkeypatch.delenv("TIANYING_QUANT_BACKEND")
+    if m.kernel(x) == "reference":
+        pytest.skip("no fast int8 kernel here")
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel unavailable")
+
+    monkeypatch.setattr(QuantLinear, "_forward_fast", broken)
+    with pytest.warns(UserWarning, match="reference path"):
+        y = m(x)
+    torch.testing.assert_close(y, expected)
+    assert m.backend == "reference" and m.kernel(x) == "reference"
+
+
+def test_act_order_layer_gathers_permuted_columns() -> None:
+    spec = QuantSpec(4, 32, True)
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    perm = torch.randperm(128)
+    q, s, z = quantize_rtn(w[:, perm], spec)  # groups formed in permuted order, as GPTQ act-order does
+    m = QuantLinear.from_int(q, s, z, spec, perm=perm)
+    W = m.dequantize()
+    assert ((W - w).abs() <= _scale_per_element(m)[:, torch.argsort(perm)] / 2 * (1 + 1e-6)).all()
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(m(x), x @ W.t(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- model level
+def test_quantize_model_swaps_linears_in_place() -> None:
+    cfg = Config.from_name("test-mha", intermediate_size=192)
+    model = build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref = model(ids)
+    embed = model.model.embed_tokens.weight
+    out = quantize_model(model, bits=8)
+    assert out is model and model.model.embed_tokens.weight is embed  # no copy of the model
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
+    assert kinds.pop("lm_head") == "Linear"
+    assert len(kinds) == 7 * cfg.n_layer and set(kinds.values()) == {"QuantLinear"}
+    with torch.no_grad():
+        got = model(ids)
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.02, rel
+
+
+def test_apply_quantization_specs() -> None:
+    assert parse_spec("int4") == QuantSpec(4, 128, True)
+    assert parse_spec("int4-g64-asym") == QuantSpec(4, 64, False)
+    assert parse_spec("int8") == QuantSpec(8, -1, True)
+    assert parse_spec(None) is None
+    cfg = Config.from_name("test-mha", intermediate_size=192)
+    model = apply_quantization(build_model(cfg, seed=0), "int4-g32")
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.spec == QuantSpec(4, 32, True)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=3), "bits=3"),
+    (dict(bits=4, group_size=48), "does not divide in_features 64"),
+    (dict(bits=4, group_size=0), "must be positive"),
+])
+def test_bad_settings_raise_clear_errors(kwargs: dict, match: str) -> None:
+    model = build_model(Config.from_name("test-mha", intermediate_size=192), seed=0)
+    layer0 = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(QuantizeError, match=match) as e:
+        quantize_model(model, **kwargs)
+    assert isinstance(e.value, TianyingError)
+    assert model.model.layers[0].self_attn.q_proj is layer0  # nothing was swapped before the error
+
+
+def test_bad_spec_strings() -> None:
+    with pytest.raises(QuantizeError, match="unknown quantization"):
+        parse_spec("int3")
+    with pytest.raises(QuantizeError, match="unknown quantization option"):
+        parse_spec("int4-fast")
+    with pytest.raises(QuantizeError, match="packing"):
+        QuantLinear.from_linear(nn.Linear(64, 30, bias=False), QuantSpec(4, 32))

@@ -1,0 +1,51 @@
+"""Quantized and low-memory inference: int8/int4 weight-only layers, GPTQ, GPTQ-format checkpoints and a
+memory budget that streams layers from disk.
+
+Entry points for `LLM.load`:
+- `is_quantized_checkpoint(path)`: config.json carries a `quantization_config` (or quantize_config.json).
+- `load_quantized(path, device, dtype) -> (model, cfg)`: read a GPTQ-format checkpoint.
+- `apply_quantization(model, "int8" | "int4" | "int4-g64-asym" | None)`: quantize a loaded model in place.
+- `load_offloaded(path, memory_limit="2GiB", ...)`: a model whose layers stream within a memory budget.
+"""
+
+from tianying.quantize.linear import (
+    QuantizeError,
+    QuantLinear,
+    QuantSpec,
+    parse_spec,
+    quantize_model,
+    quantized_layers,
+)
+
+__all__ = [
+    "QuantizeError", "QuantLinear", "QuantSpec", "parse_spec", "quantize_model", "quantized_layers",
+    "apply_quantization", "is_quantized_checkpoint", "load_quantized", "save_quantized", "load_offloaded",
+    "parse_memory",
+]
+
+
+def apply_quantization(model, spec):  # noqa: ANN001, ANN201 - thin hook; typed in quantize_model
+    """Quantize `model` in place per `spec` ("int8", "int4", "int4-g64", "int4-g128-asym", dict, QuantSpec).
+
+    This is the hook `LLM.load(path, quantize=...)` calls; None leaves the model as it is.
+    """
+    s = parse_spec(spec)
+    if s is None:
+        return model
+    return quantize_model(model, bits=s.bits, group_size=s.group_size, sym=s.sym)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy re-exports keep `import tianying.quantize` light
+    if name in ("is_quantized_checkpoint", "load_quantized", "save_quantized", "read_quantization_config"):
+        from tianying.quantize import format as _format
+
+        return getattr(_format, name)
+    if name in ("load_offloaded", "parse_memory", "MemoryPlan"):
+        from tianying.quantize import offload as _offload
+
+        return getattr(_offload, name)
+    if name in ("gptq_quantize",):
+        from tianying.quantize import gptq as _gptq
+
+        return getattr(_gptq, name)
+    raise AttributeError(f"module 'tianying.quantize' has no attribute {name!r}")

@@ -1,0 +1,391 @@
+"""Weight-only quantized linear layers that replace `nn.Linear` in place.
+
+One uniform affine quantizer serves every setting, the one GPTQ and its checkpoints use: with
+`maxq = 2^bits − 1`, a group of weights w is stored as integers q ∈ [0, maxq] and reconstructed as
+
+    ŵ = s · (q − z),   q = clamp(round(w / s) + z, 0, maxq)
+
+- asymmetric: range [min(w, 0), max(w, 0)] → s = (max − min) / maxq, z = round(−min / s)
+- symmetric:  range [−m, m] with m = max|w| → s = 2m / maxq, z = (maxq + 1) / 2 (8 for int4, 128 for int8)
+
+Rounding to nearest gives |w − ŵ| ≤ s/2 for every element (the clamp only ever moves a value that was
+within s/2 of the boundary). Scales are stored in fp16 as GPTQ does, rounded *up* so that the bound still
+holds with the stored scale. int8 is per output channel (one group spanning the row); int4 is group-wise
+along the input dimension (group size 32/64/128). Act-order (GPTQ `desc_act`) stores the columns in a
+permuted order `perm` so that each group is contiguous; the layer gathers `x[..., perm]` before the matmul.
+
+Kernels, chosen at run time with a clean fallback to the reference path (dequantize, then `F.linear`),
+which runs on every device and dtype:
+- int8, symmetric or not, per channel, CPU: `aten._weight_int8pack_mm(x, q − 128, s)` computes x·(q'·s)ᵀ;
+  the asymmetric offset s·(128 − z) adds a rank-one term Σx ⊗ s(128 − z).
+- int4, CPU, out_features % 32 == 0, group size 32/64/128/256: `aten._weight_int4pack_mm_for_cpu`
+  (tinygemm layout from `_convert_weight_to_int4pack_for_cpu`), which computes ŵ = s'(q − 8) + z'; ours
+  maps exactly with s' = s, z' = s(8 − z).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tianying.errors import TianyingError
+
+
+class QuantizeError(TianyingError, ValueError):
+    """Settings that cannot quantize a model (unsupported bits, group size not dividing the width, ...)."""
+
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: `group_size=-1` means one group per output row (per channel)."""
+
+    bits: int = 8
+    group_size: int = -1
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantizeError(f"bits={self.bits} is not supported; use 8 or 4")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise QuantizeError(f"group_size={self.group_size} must be positive (or -1 for per channel)")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check(self, in_features: int, out_features: int, name: str = "layer") -> None:
+        """Shape constraints: groups tile the row; int4 packs two columns a byte and 8 values an int32."""
+        if self.group_size != -1 and in_features % self.group_size:
+            raise QuantizeError(f"{name}: group_size {self.group_size} does not divide in_features {in_features}")
+        pack = 32 // self.bits
+        if in_features % pack or out_features % pack:
+            raise QuantizeError(f"{name}: {self.bits}-bit packing needs in/out features divisible by {pack}, "
+                                f"got {in_features}×{out_features}")
+
+
+def parse_spec(spec: str | dict | QuantSpec | None) -> QuantSpec | None:
+    """`"int8"`, `"int4"`, `"int4-g64"`, `"int4-g32-asym"`, a dict of QuantSpec fields, or a QuantSpec."""
+    if spec is None or isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        bits = int(spec.get("bits", 8))
+        return QuantSpec(bits, int(spec.get("group_size", -1 if bits == 8 else 128)), bool(spec.get("sym", True)))
+    parts = str(spec).lower().split("-")
+    if parts[0] not in ("int8", "int4"):
+        raise QuantizeError(f"unknown quantization {spec!r}; use int8, int4, int4-g64, int4-g128-asym, ...")
+    bits = int(parts[0][3:])
+    group, sym = (-1 if bits == 8 else 128), True
+    for p in parts[1:]:
+        if p.startswith("g") and p[1:].isdigit():
+            group = int(p[1:])
+        elif p in ("asym", "sym"):
+            sym = p == "sym"
+        else:
+            raise QuantizeError(f"unknown quantization option {p!r} in {spec!r}")
+    return QuantSpec(bits, group, sym)
+
+
+# ---------------------------------------------------------------------------------------------- quantizer
+def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
+    """fp16 value ≥ s (so the stored scale still covers the range); tiny scales clamp to fp16's normal min."""
+    s = s.clamp(min=torch.finfo(torch.float16).tiny, max=torch.finfo(torch.float16).max)
+    h = s.half()
+    up = torch.nextafter(h, torch.full_like(h, math.inf))
+    return torch.where(h.float() < s, up, h)
+
+
+def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16) and integer zero point for each row of a group `w` [N, g]."""
+    w = w.float()
+    maxq = spec.maxq
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    if spec.sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    flat = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    scale = _round_up_fp16((hi - lo) / maxq)
+    if spec.sym:
+        zero = torch.full_like(lo, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-lo / scale.float()).clamp(0, maxq)
+    return scale, zero.to(torch.uint8)
+
+
+def quantize_group(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """q = clamp(round(w/s) + z, 0, maxq) with per-row s, z; w [N, g] → uint8 [N, g]."""
+    q = torch.round(w.float() / scale.float()[:, None]) + zero.float()[:, None]
+    return q.clamp_(0, maxq).to(torch.uint8)
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: w [N, K] → q uint8 [N, K], scales fp16 [G, N], zeros uint8 [G, N]."""
+    N, K = w.shape
+    g = spec.group_width(K)
+    wg = w.float().reshape(N, K // g, g)
+    lo = wg.amin(dim=2).clamp(max=0)
+    hi = wg.amax(dim=2).clamp(min=0)
+    # find_params on every group at once: flatten groups into rows
+    scale, zero = find_params(torch.stack([lo, hi], dim=2).reshape(-1, 2), spec)
+    scale, zero = scale.reshape(N, -1), zero.reshape(N, -1)
+    q = torch.round(wg / scale.float()[..., None]) + zero.float()[..., None]
+    q = q.clamp_(0, spec.maxq).to(torch.uint8).reshape(N, K)
+    return q, scale.t().contiguous(), zero.t().contiguous()
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """ŵ = s·(q − z) computed in fp32: q [N, K], scales/zeros [G, N] (groups contiguous along K)."""
+    N, K = q.shape
+    G = scales.shape[0]
+    w = (q.float().reshape(N, G, K // G) - zeros.t().float()[..., None]) * scales.t().float()[..., None]
+    return w.reshape(N, K).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (values < 16) → uint8 [N, K/2]: column 2j in the low nibble, 2j+1 in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+def unpack_tinygemm_cpu(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu` for N % 32 == 0.
+
+    Layout (read off the op, pinned by a test): rows in blocks of 32; for each column k a block stores 16
+    bytes, byte j = row j (low nibble) | row j+16 (high nibble): [N/32, K, 16] flattened to [N, K/2].
+    """
+    N = p.shape[0]
+    K = p.shape[1] * 2
+    b = p.reshape(N // 32, K, 16)
+    rows = torch.stack([b & 0xF, b >> 4], dim=2)  # [N/32, K, 2, 16]
+    return rows.permute(0, 2, 3, 1).reshape(N, K)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+_CAPS: dict[str, bool] = {}
+
+
+def _probe(name: str) -> bool:
+    """Whether an aten kernel exists and runs here (probed once per process on a tiny input)."""
+    if name not in _CAPS:
+        try:
+            if name == "int8_cpu":
+                torch.ops.aten._weight_int8pack_mm(torch.ones(1, 32), torch.ones(32, 32, dtype=torch.int8),
+                                                   torch.ones(32))
+            elif name == "int4_cpu":
+                p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(32, 64, dtype=torch.int32), 1)
+                torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 64), p, 32, torch.zeros(2, 32, 2))
+            _CAPS[name] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _CAPS[name] = False
+    return _CAPS[name]
+
+
+def _forced_backend() -> str:
+    return os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower()
+
+
+class QuantLinear(nn.Module):
+    """y = x·Ŵᵀ + b with Ŵ stored as integers (see module docstring); a drop-in for `nn.Linear` at inference.
+
+    Buffers: `qweight` (int8 [N, K] holding q − 128 for 8 bits; uint8 [N, K/2] packed nibbles, or the
+    tinygemm CPU layout, for 4 bits), `scales` fp16 [G, N], `zeros` uint8 [G, N], optional `perm` int64 [K]
+    (act-order: stored column i is input column perm[i]), optional `bias`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 act_order: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        spec.check(in_features, out_features)
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        G = spec.groups(in_features)
+        if spec.bits == 8:
+            qw = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        else:
+            qw = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", qw)
+        self.register_buffer("scales", torch.ones(G, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(G, out_features, dtype=torch.uint8, device=device))
+        self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.layout = "int8" if spec.bits == 8 else "nibble"
+        self.backend = "auto"  # "auto" | "reference"
+        self._fast: dict = {}  # per-dtype kernel operands (scales in the activation dtype, ...)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, sym={s.sym}, act_order={self.perm is not None}, layout={self.layout}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_int(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec,
+                 perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """From integer weights q uint8 [N, K] in stored (perm) order, scales/zeros [G, N]."""
+        N, K = q.shape
+        G = spec.groups(K)
+        if scales.shape != (G, N) or zeros.shape != (G, N):
+            raise QuantizeError(f"scales/zeros must be [{G}, {N}], got {tuple(scales.shape)}/{tuple(zeros.shape)}")
+        m = cls(K, N, spec, bias=bias is not None, act_order=perm is not None, dtype=dtype, device="meta")
+        m.qweight = (q.to(torch.int16) - 128).to(torch.int8) if spec.bits == 8 else pack_nibbles(q)
+        m.scales = scales.to(torch.float16).contiguous()
+        m.zeros = zeros.to(torch.uint8).contiguous()
+        if perm is not None:
+            m.perm = perm.to(device=q.device, dtype=torch.long)
+        if bias is not None:
+            m.bias = bias.detach().to(dtype)
+        m.prepare()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        """Round-to-nearest quantization of an `nn.Linear`."""
+        q, scales, zeros = quantize_rtn(linear.weight.detach(), spec)
+        return cls.from_int(q, scales, zeros, spec, bias=linear.bias, dtype=linear.weight.dtype)
+
+    # ------------------------------------------------------------------ views of the weight
+    def int_weight(self) -> torch.Tensor:
+        """q uint8 [N, K] in stored (perm) column order, whatever the packing."""
+        if self.layout == "int8":
+            return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+        if self.layout == "tinygemm_cpu":
+            return unpack_tinygemm_cpu(self.qweight)
+        return unpack_nibbles(self.qweight)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ [N, K] in the original input-column order."""
+        w = dequantize(self.int_weight(), self.scales, self.zeros, torch.float32)
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm] = w
+            w = out
+        return w.to(dtype)
+
+    # ------------------------------------------------------------------ kernels
+    def prepare(self) -> None:
+        """Repack for the fastest kernel this device has (called after construction and after `.to()`)."""
+        self._fast.clear()
+        dev = self.qweight.device.type
+        if self.spec.bits == 4:
+            want = "tinygemm_cpu" if (dev == "cpu" and self._int4_cpu_ok()) else "nibble"
+            if want != self.layout:
+                q = self.int_weight()
+                self.qweight = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+                                if want == "tinygemm_cpu" else pack_nibbles(q))
+                self.layout = want
+
+    def _int4_cpu_ok(self) -> bool:
+        return (self.backend != "reference" and _forced_backend() != "reference" and self.out_features % 32 == 0
+                and self.spec.group_width(self.in_features) in (32, 64, 128, 256) and _probe("int4_cpu"))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        out = super()._apply(fn, recurse)
+        if self.qweight.device.type != "meta":
+            self.prepare()
+        return out
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which path `forward` takes for this input: "int8_cpu", "int4_cpu" or "reference"."""
+        if self.backend == "reference" or _forced_backend() == "reference" or x.device.type != "cpu":
+            return "reference"
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return "reference"
+        if self.layout == "int8" and self.scales.shape[0] == 1 and _probe("int8_cpu"):
+            return "int8_cpu"
+        if self.layout == "tinygemm_cpu":
+            return "int4_cpu"
+        return "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        path = self.kernel(x)
+        if path != "reference":
+            try:
+                y = self._forward_fast(x, path)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+            except (RuntimeError, NotImplementedError) as e:  # a kernel refusing this input: fall back for good
+                warnings.warn(f"quantized kernel {path} failed ({e}); using the reference path", stacklevel=2)
+                self.backend = "reference"
+                self.prepare()
+        w = dequantize(self.int_weight(), self.scales, self.zeros, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _forward_fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        ops = self._fast.get((path, x.dtype))
+        if ops is None:
+            s = self.scales.float()  # [G, N]
+            if path == "int8_cpu":
+                off = s[0] * (128.0 - self.zeros[0].float())
+                ops = (s[0].to(x.dtype), None if self.spec.sym else off.to(x.dtype))
+            else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z)
+                ops = (torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1).to(x.dtype).contiguous(),)
+            self._fast[(path, x.dtype)] = ops
+        if path == "int8_cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, ops[0])
+            if ops[1] is not None:
+                y = y + x2.sum(dim=-1, keepdim=True) * ops[1]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.spec.group_width(self.in_features),
+                                                           ops[0])
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+# ---------------------------------------------------------------------------------------------- model-level
+def default_group_size(bits: int) -> int:
+    return -1 if bits == 8 else 128
+
+
+def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = None, sym: bool = True,
+                   skip: tuple[str, ...] = ("lm_head",), backend: str = "auto") -> nn.Module:
+    """Replace every `nn.Linear` (except names ending in `skip`) by a RTN `QuantLinear`, in place.
+
+    Layers are swapped one at a time and each float weight is released as soon as its replacement exists,
+    so peak memory is the model plus one layer, never two models. Returns the same `model` object.
+    """
+    spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size, sym)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(skip)]
+    for name, lin in targets:  # validate every shape before touching anything
+        spec.check(lin.in_features, lin.out_features, name)
+    for name, lin in targets:
+        q = QuantLinear.from_linear(lin, spec)
+        q.backend = backend
+        if backend == "reference":
+            q.prepare()
+        set_submodule(model, name, q)
+        lin.weight = None  # release the float weight now (the model may hold the last reference)
+    return model
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
