@@ -304,7 +304,8 @@ CONFIGS: dict[str, dict] = {
                                  torch_dtype="bfloat16", chat_template="aquila-v2"),
     # small models for tests, demos and benchmarks (not released checkpoints)
     "demo": dict(vocab_size=16000, hidden_size=256, n_layer=4, n_head=4, n_kv_head=4, intermediate_size=688,
-                 max_position_embeddings=1024, rms_norm_eps=1e-5, chat_template="aquila-v1"),
+                 max_position_embeddings=1024, rms_norm_eps=1e-5, chat_template="aquila-v1",
+                 bos_token_id=15998, eos_token_id=15999),  # the demo tokenizer: 15,992 BPE + 8 specials
     "tiny": dict(vocab_size=100008, hidden_size=256, n_layer=4, n_head=4, n_kv_head=4, intermediate_size=688,
                  max_position_embeddings=2048, rms_norm_eps=1e-5),
     "small": dict(vocab_size=100008, hidden_size=768, n_layer=12, n_head=12, n_kv_head=12,
