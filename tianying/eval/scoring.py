@@ -1,0 +1,164 @@
+"""Log-likelihood scoring on a `tianying.model.Transformer`: the numeric core of every task kind.
+
+Multiple choice costs about one forward pass per item:
+- single-token continuations (the answer letters of C-Eval/CMMLU/MMLU) need only the next-token distribution
+  after the prompt, so a batch of prompts is run once, left-padded, with `last_only=True`;
+- multi-token continuations (poem couplets) run the shared prompt once into a KV cache, copy that cache to
+  one row per choice, and run all choices together on top of it (the prompt is never recomputed).
+Context and continuation are tokenized separately (as Aquila's own eval scripts take the letter's token id),
+so the prompt's tokens are the same for every choice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tianying.model import KVCache, Transformer
+
+
+def _dtype_device(model: Transformer) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters())
+    return p.dtype, p.device
+
+
+@torch.no_grad()
+def next_token_logprobs(model: Transformer, contexts: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
+    """log p(next token | context) for each context: [B, V] float32 (one left-padded forward)."""
+    _, device = _dtype_device(model)
+    T = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), T), dtype=torch.bool)
+    for i, c in enumerate(contexts):
+        if not c:
+            raise ValueError("empty context: nothing to condition the next token on")
+        ids[i, T - len(c):] = torch.tensor(list(c))
+        mask[i, T - len(c):] = True
+    ids, mask = ids.to(device), mask.to(device)
+    ragged = not bool(mask.all())
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if ragged else None
+    logits = model(ids, positions=positions, pad_mask=mask if ragged else None, last_only=True)
+    return logits[:, -1].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def score_continuations(model: Transformer, context: Sequence[int], continuations: Sequence[Sequence[int]]
+                        ) -> list[float]:
+    """Summed log-likelihood of each continuation after `context`, sharing the context's KV cache."""
+    if any(len(c) == 0 for c in continuations):
+        raise ValueError("empty continuation")
+    dtype, device = _dtype_device(model)
+    cfg = model.config
+    L, C = len(context), len(continuations)
+    Tc = max(len(c) for c in continuations)
+    cache = KVCache(cfg, 1, L, dtype, device)
+    first = model(torch.tensor([list(context)], device=device), cache=cache, last_only=True)[0, -1]
+    first = first.float().log_softmax(-1)
+    scores = [float(first[c[0]]) for c in continuations]
+    if Tc == 1:
+        return scores
+    shared = KVCache(cfg, C, L + Tc - 1, dtype, device)
+    shared.k[:, :, :, :L] = cache.k
+    shared.v[:, :, :, :L] = cache.v
+    shared.pos = L
+    ids = torch.zeros((C, Tc - 1), dtype=torch.long)
+    mask = torch.zeros((C, Tc - 1), dtype=torch.bool)
+    for i, c in enumerate(continuations):
+        ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]))
+        mask[i, : len(c) - 1] = True
+    ids, mask = ids.to(device), mask.to(device)
+    logp = model(ids, cache=shared, pad_mask=mask).float().log_softmax(-1)  # [C, Tc-1, V]
+    for i, c in enumerate(continuations):
+        if len(c) > 1:
+            tgt = torch.tensor(list(c[1:]), device=device)
+            scores[i] += float(logp[i, torch.arange(len(c) - 1, device=device), tgt].sum())
+    return scores
+
+
+@torch.no_grad()
+def naive_loglikelihood(model: Transformer, context: Sequence[int], continuation: Sequence[int]) -> float:
+    """Reference: one full forward of context + continuation, no cache, no batching (used by the tests)."""
+    _, device = _dtype_device(model)
+    ids = torch.tensor([list(context) + list(continuation)], device=device)
+    logp = model(ids).float().log_softmax(-1)[0]
+    L = len(context)
+    return float(sum(logp[L - 1 + j, t] for j, t in enumerate(continuation)))
+
+
+def score_requests(model: Transformer, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                   batch_size: int = 8, pad_id: int = 0, progress=None) -> list[list[float]]:
+    """Scores for a list of (context, continuations) items, batching items whose choices are single tokens."""
+    out: list[list[float] | None] = [None] * len(requests)
+    single = [i for i, (_, conts) in enumerate(requests) if all(len(c) == 1 for c in conts)]
+    # group similar lengths so left padding wastes little
+    single.sort(key=lambda i: len(requests[i][0]))
+    for s in range(0, len(single), batch_size):
+        chunk = single[s:s + batch_size]
+        lp = next_token_logprobs(model, [requests[i][0] for i in chunk], pad_id)
+        for row, i in enumerate(chunk):
+            out[i] = [float(lp[row, c[0]]) for c in requests[i][1]]
+        if progress is not None:
+            progress(len(chunk))
+    for i, (ctx, conts) in enumerate(requests):
+        if out[i] is None:
+            out[i] = score_continuations(model, ctx, conts)
+            if progress is not None:
+                progress(1)
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def rolling_nll(model: Transformer, ids: Sequence[int], prefix_id: int, window: int, stride: int | None = None
+                ) -> tuple[float, int]:
+    """(total negative log-likelihood in nats, tokens scored) of a whole document.
+
+    Every token of `ids` is predicted once: the document is prefixed with `prefix_id` and cut into chunks of
+    `stride` (default `window`) predicted tokens, each seen with up to `window` tokens of input.
+    """
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride ({stride}) <= window ({window})")
+    _, device = _dtype_device(model)
+    toks = [prefix_id, *ids]
+    n = len(toks)
+    total = 0.0
+    for a in range(1, n, stride):  # predict toks[a:b]
+        b = min(a + stride, n)
+        lo = max(0, b - 1 - window)
+        inp = torch.tensor([toks[lo:b - 1]], device=device)
+        logp = model(inp).float().log_softmax(-1)[0]  # row j predicts toks[lo + j + 1]
+        rows = torch.arange(a - 1 - lo, b - 1 - lo, device=device)
+        tgt = torch.tensor(toks[a:b], device=device)
+        total -= float(logp[rows, tgt].sum())
+    return total, n - 1
+
+
+@torch.no_grad()
+def sample_generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int | None,
+                    temperature: float = 0.0, generator: torch.Generator | None = None,
+                    should_stop=None) -> list[int]:
+    """A plain KV-cache decode loop, used only when no `LLM.generate` is at hand (raw model + tokenizer)."""
+    dtype, device = _dtype_device(model)
+    max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
+    cache = KVCache(model.config, 1, max_len, dtype, device)
+    x = torch.tensor([list(prompt_ids)], device=device)
+    out: list[int] = []
+    while cache.pos + x.shape[1] <= max_len and len(out) < max_new_tokens:
+        logits = model(x, cache=cache, last_only=True)[0, -1].float()
+        if temperature > 0:
+            tok = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+        else:
+            tok = int(logits.argmax())
+        if eos_id is not None and tok == eos_id:
+            break
+        out.append(tok)
+        if should_stop is not None and should_stop(out):
+            break
+        x = torch.tensor([[tok]], device=device)
+    return out
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    return nll_nats / (math.log(2) * max(n_bytes, 1))
