@@ -239,7 +239,7 @@ def test_bad_files_raise_tokenizer_error(tmp_path, case):
 
 
 def test_save_round_trip_and_transformers_autotokenizer(tmp_path, tok):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GPT2Tokenizer
 
     tok.save(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {"vocab.json", "merges.txt", "tokenizer.json",
@@ -248,11 +248,13 @@ def test_save_round_trip_and_transformers_autotokenizer(tmp_path, tok):
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "GPT2Tokenizer"
     again = Tokenizer.from_dir(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)) == (3006, 3007, 0, 3008)
+    gpt2 = GPT2Tokenizer.from_pretrained(tmp_path)
+    for ref in (hf, gpt2):
+        assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, len(ref)) == (3006, 3007, 0, 3008)
     for text in TINY_TEXTS[::7] + ["[CLS]你好</s> x"]:
         ids = tok.encode(text)
         assert again.encode(text) == ids
-        assert hf.encode(text, add_special_tokens=False) == ids
+        assert hf.encode(text) == gpt2.encode(text) == ids  # no BOS/EOS added by default, as in HF Aquila2
         assert hf.decode(ids) == text
 
 
@@ -313,6 +315,10 @@ def test_cli_train_and_stats(tmp_path, capsys, monkeypatch):
     assert set(small["tokens_per_doc"]) == {"en", "zh", "code"}
     # a bigger vocabulary compresses the text it was trained on better
     assert big["bytes_per_token"]["all"] > small["bytes_per_token"]["all"] > 1.0
+    assert cli.main(["tokenizer", "stats", "--tokenizer", "tk", "--input", str(DATA / "tiny.jsonl"),
+                     "--max-docs", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]["documents"] == {
+        "zh": 5, "en": 5, "code": 5}
     fixture = Tokenizer.from_dir(FIXTURE)
     en = [t for t, line in zip(TINY_TEXTS, (DATA / "tiny.jsonl").read_text().splitlines())
           if json.loads(line)["lang"] == "en"]
