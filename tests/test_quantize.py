@@ -9,7 +9,15 @@ from torch import nn
 from tianying.config import Config
 from tianying.errors import TianyingError
 from tianying.model import build_model
-from tianying.quantize import QuantizeError, QuantLinear, QuantSpec, apply_quantization, parse_spec, quantize_model
+from tianying.quantize import (
+    QuantizeError,
+    QuantLinear,
+    QuantSpec,
+    apply_quantization,
+    parse_spec,
+    quantize_model,
+    quantized_layers,
+)
 from tianying.quantize.linear import _probe, pack_nibbles, quantize_rtn, unpack_nibbles, unpack_tinygemm_cpu
 
 SPECS = [QuantSpec(8, -1, True), QuantSpec(8, -1, False), QuantSpec(4, 32, True), QuantSpec(4, 64, False),
@@ -181,3 +189,120 @@ def test_bad_spec_strings() -> None:
         parse_spec("int4-fast")
     with pytest.raises(QuantizeError, match="packing"):
         QuantLinear.from_linear(nn.Linear(64, 30, bias=False), QuantSpec(4, 32))
+
+
+# ---------------------------------------------------------------------------------------------- GPTQ format
+def _i32(word: int) -> int:
+    return word - 2**32 if word >= 2**31 else word
+
+
+def _hand_example() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4 bits, K=16, N=8, group 8, act-order g_idx, asymmetric zeros 1..15 (v1 stores zero − 1)."""
+    K, N = 16, 8
+    q = torch.tensor([[(k + 3 * n) % 16 for n in range(N)] for k in range(K)])  # [K, N]
+    z = torch.tensor([[1 + (g * 8 + n) % 15 for n in range(N)] for g in range(2)])  # [G, N]
+    s = torch.tensor([[0.5 * (1 + g) + n / 16 for n in range(N)] for g in range(2)], dtype=torch.float16)
+    g_idx = torch.tensor([(k + 1) % 2 for k in range(K)], dtype=torch.int32)
+    qweight = torch.zeros(2, N, dtype=torch.int64)
+    for n in range(N):  # eight 4-bit values per int32, input row 8r + j at bits 4j
+        for r in range(2):
+            qweight[r, n] = sum(int(q[8 * r + j, n]) << (4 * j) for j in range(8))
+    qweight = qweight.apply_(_i32).to(torch.int32)
+    # the same words written out by hand for the first two columns: q[:, 0] = 0..15, q[:, 1] = 3..15,0..2
+    assert qweight[:, 0].tolist() == [0x76543210, _i32(0xFEDCBA98)]
+    assert qweight[:, 1].tolist() == [_i32(0xA9876543), 0x210FEDCB]
+    # zeros packed along the output dimension, stored minus one: g0 → 0..7, g1 → 8..14, 0
+    qzeros = torch.tensor([[0x76543210], [0x0EDCBA98]], dtype=torch.int32)
+    tensors = {"qweight": qweight, "qzeros": qzeros, "scales": s, "g_idx": g_idx}
+    return tensors, q, z, s, g_idx
+
+
+def test_gptq_hand_packed_example_pins_the_layout() -> None:
+    from tianying.quantize.format import layer_from_gptq, layer_to_gptq
+
+    tensors, q, z, s, g_idx = _hand_example()
+    m = layer_from_gptq(tensors, bits=4, group_size=8, sym=False)
+    assert m.perm is not None  # act-order: stored in group order
+    expected = torch.empty(8, 16)
+    for n in range(8):
+        for k in range(16):
+            g = int(g_idx[k])
+            expected[n, k] = float(s[g, n]) * (int(q[k, n]) - int(z[g, n]))
+    assert torch.equal(m.dequantize(), expected)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(m(x), x @ expected.t(), rtol=1e-5, atol=1e-5)
+    back = layer_to_gptq(m)
+    for k, t in tensors.items():
+        assert torch.equal(back[k], t), k
+
+
+def test_gptq_v1_symmetric_zero_words_and_v2_for_zero_points_of_zero() -> None:
+    from tianying.quantize.format import layer_from_gptq, layer_to_gptq
+
+    lin = _linear(k=128, n=64)
+    sym = layer_to_gptq(QuantLinear.from_linear(lin, QuantSpec(4, 32, True)))
+    assert (sym["qzeros"] == 0x77777777).all()  # zero 8 stored as 7 in every nibble
+    sym8 = layer_to_gptq(QuantLinear.from_linear(lin, QuantSpec(8, -1, True)))
+    assert (sym8["qzeros"] == 0x7F7F7F7F).all() and sym8["qweight"].shape == (32, 64)
+    with torch.no_grad():
+        lin.weight[5] = lin.weight[5].abs()  # a row with no negative weight → zero point 0
+    m = QuantLinear.from_linear(lin, QuantSpec(4, 32, False))
+    assert int(m.zeros.min()) == 0
+    with pytest.raises(QuantizeError, match="gptq_v2"):
+        layer_to_gptq(m, "gptq")
+    v2 = layer_to_gptq(m, "gptq_v2")
+    back = layer_from_gptq(v2, 4, 32, False, "gptq_v2")
+    assert torch.equal(back.dequantize(), m.dequantize())
+
+
+def _act_order(model: nn.Module, seed: int = 0) -> None:
+    """Give every QuantLinear a random act-order permutation (as GPTQ with desc_act would)."""
+    from tianying.quantize.linear import set_submodule
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in list(quantized_layers(model).items()):
+        w = m.dequantize()
+        perm = torch.randperm(m.in_features, generator=gen)
+        q, s, z = quantize_rtn(w[:, perm], m.spec)
+        set_submodule(model, name, QuantLinear.from_int(q, s, z, m.spec, perm=perm))
+
+
+@pytest.mark.parametrize("bits, group, sym, act", [(4, 32, True, True), (4, 64, False, False), (8, -1, True, False)])
+def test_gptq_checkpoint_round_trip_is_exact(tmp_path, bits: int, group: int, sym: bool, act: bool) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from tianying.quantize import is_quantized_checkpoint, load_quantized, save_quantized
+
+    cfg = Config.from_name("test-mha", intermediate_size=192)
+    model = quantize_model(build_model(cfg, seed=0), bits=bits, group_size=group, sym=sym)
+    if act:
+        _act_order(model)
+    out = tmp_path / "q"
+    save_quantized(model, cfg, out)  # random weights always have negative entries: every zero ≥ 1 → v1
+    assert is_quantized_checkpoint(out) and not is_quantized_checkpoint(tmp_path)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["group_size"] == group
+    assert qc["desc_act"] == act and qc["sym"] == sym and qc["lm_head"] is False
+    assert qc["checkpoint_format"] == "gptq"
+    files = load_file(out / "model.safetensors")
+    qw = files["model.layers.0.mlp.down_proj.qweight"]
+    assert qw.dtype == torch.int32 and qw.shape == (192 * bits // 32, 64)
+    assert files["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
+    assert files["model.layers.0.mlp.down_proj.g_idx"].shape == (192,)
+
+    loaded, cfg2 = load_quantized(out, dtype=torch.float32)
+    assert cfg2.hidden_size == cfg.hidden_size
+    a, b = dict(model.named_modules()), dict(loaded.named_modules())
+    for name, m in a.items():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(b[name].dequantize(), m.dequantize()), name
+            assert (b[name].perm is None) == (m.perm is None)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+    save_quantized(loaded, cfg2, tmp_path / "again")  # and writing it again gives the same tensors
+    files2 = load_file(tmp_path / "again" / "model.safetensors")
+    assert files.keys() == files2.keys() and all(torch.equal(files[k], files2[k]) for k in files)
+

@@ -125,7 +125,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         zero = torch.full_like(lo, (maxq + 1) // 2)
     else:
         zero = torch.round(-lo / scale.float()).clamp(0, maxq)
-    return scale, zero.to(torch.uint8)
+    return scale, zero.to(torch.int16)
 
 
 def quantize_group(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def quantize_group(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
 
 
 def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest: w [N, K] → q uint8 [N, K], scales fp16 [G, N], zeros uint8 [G, N]."""
+    """Round-to-nearest: w [N, K] → q uint8 [N, K], scales fp16 [G, N], zeros int16 [G, N]."""
     N, K = w.shape
     g = spec.group_width(K)
     wg = w.float().reshape(N, K // g, g)
@@ -210,7 +210,8 @@ class QuantLinear(nn.Module):
     """y = x·Ŵᵀ + b with Ŵ stored as integers (see module docstring); a drop-in for `nn.Linear` at inference.
 
     Buffers: `qweight` (int8 [N, K] holding q − 128 for 8 bits; uint8 [N, K/2] packed nibbles, or the
-    tinygemm CPU layout, for 4 bits), `scales` fp16 [G, N], `zeros` uint8 [G, N], optional `perm` int64 [K]
+    tinygemm CPU layout, for 4 bits), `scales` fp16 [G, N], `zeros` int16 [G, N] (int16: GPTQ v1 files can
+    mean z = maxq + 1), optional `perm` int64 [K]
     (act-order: stored column i is input column perm[i]), optional `bias`.
     """
 
@@ -227,7 +228,7 @@ class QuantLinear(nn.Module):
             qw = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
         self.register_buffer("qweight", qw)
         self.register_buffer("scales", torch.ones(G, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(G, out_features, dtype=torch.uint8, device=device))
+        self.register_buffer("zeros", torch.zeros(G, out_features, dtype=torch.int16, device=device))
         self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.layout = "int8" if spec.bits == 8 else "nibble"
@@ -245,6 +246,7 @@ class QuantLinear(nn.Module):
                  perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> QuantLinear:
         """From integer weights q uint8 [N, K] in stored (perm) order, scales/zeros [G, N]."""
+        q = q.contiguous()
         N, K = q.shape
         G = spec.groups(K)
         if scales.shape != (G, N) or zeros.shape != (G, N):
@@ -252,9 +254,16 @@ class QuantLinear(nn.Module):
         m = cls(K, N, spec, bias=bias is not None, act_order=perm is not None, dtype=dtype, device="meta")
         m.qweight = (q.to(torch.int16) - 128).to(torch.int8) if spec.bits == 8 else pack_nibbles(q)
         m.scales = scales.to(torch.float16).contiguous()
-        m.zeros = zeros.to(torch.uint8).contiguous()
+        m.zeros = zeros.to(torch.int16).contiguous()
         if perm is not None:
-            m.perm = perm.to(device=q.device, dtype=torch.long)
+            # canonical order: ascending input column within each group. The weights are the same either
+            # way, but a checkpoint's g_idx only records the groups, so this makes save → load bit-exact.
+            g = spec.group_width(K)
+            perm = perm.to(device=q.device, dtype=torch.long)
+            order = (torch.argsort(perm.view(G, g), dim=1) + torch.arange(0, K, g, device=q.device)[:, None]).flatten()
+            perm, q = perm[order], q[:, order]
+            m.qweight = (q.to(torch.int16) - 128).to(torch.int8) if spec.bits == 8 else pack_nibbles(q)
+            m.perm = perm
         if bias is not None:
             m.bias = bias.detach().to(dtype)
         m.prepare()
@@ -342,7 +351,7 @@ class QuantLinear(nn.Module):
             s = self.scales.float()  # [G, N]
             if path == "int8_cpu":
                 off = s[0] * (128.0 - self.zeros[0].float())
-                ops = (s[0].to(x.dtype), None if self.spec.sym else off.to(x.dtype))
+                ops = (s[0].to(x.dtype), None if bool((self.zeros == 128).all()) else off.to(x.dtype))
             else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z)
                 ops = (torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1).to(x.dtype).contiguous(),)
             self._fast[(path, x.dtype)] = ops
