@@ -1,0 +1,401 @@
+"""The HTTP server on a tiny saved checkpoint: the official openai client, streaming, concurrency, bad input,
+API keys, disconnects; and the batcher against single-request generation."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="serving needs fastapi (pip install fastapi uvicorn)")
+uvicorn = pytest.importorskip("uvicorn", reason="serving needs uvicorn (pip install fastapi uvicorn)")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
+openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install openai)")
+
+from tianying.config import Config  # noqa: E402
+from tianying.model import build_model  # noqa: E402
+from tianying.serve.app import create_app  # noqa: E402
+from tianying.serve.batcher import Batcher, Request  # noqa: E402
+
+FIXTURE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
+KEY = "sk-test-key"
+CONTEXT = 256
+HELLO = [{"role": "user", "content": "你好，介绍一下北京。"}]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tianying.checkpoint import save_hf
+    from tianying.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
+    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                                chat_template="aquila-chat", initializer_range=0.2,
+                                                max_position_embeddings=CONTEXT)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
+    save_hf(build_model(cfg, seed=0), cfg, out, tokenizer_dir=FIXTURE_TOKENIZER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    from tianying.api import LLM
+
+    return LLM.load(ckpt)
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn in a thread on a free port; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    app = create_app(llm, api_key=KEY, max_concurrency=8, max_body_bytes=64 * 1024)
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def health(url):
+    return httpx.get(url + "/health").json()
+
+
+# ---------------------------------------------------------------------------------------------- openai client
+def test_chat_nonstreamed_and_streamed_agree_with_llm_chat(client, llm):
+    r = client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=24, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny-chat"
+    choice = r.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    # the server renders the checkpoint's chat template and applies its stop strings, as LLM.chat does
+    assert choice.message.content == llm.chat(HELLO, max_new_tokens=24)
+    from tianying.templates import render_chat
+
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode(render_chat(HELLO, "aquila-chat")))
+    assert 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1, "the reply should arrive in several pieces"
+    assert "".join(pieces) == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+
+
+def test_sse_wire_format(server):
+    url, _ = server
+    body = {"messages": HELLO, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for e in events[:-2]:
+        assert e.startswith("data: {")
+        chunk = json.loads(e[len("data: "):])
+        assert set(chunk) == {"id", "object", "created", "model", "system_fingerprint", "choices"}
+        assert set(chunk["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"}
+
+
+def test_completions_route_and_stop_strings(client, llm):
+    prompt = "床前明月光，"
+    r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=16)
+    expected = llm.generate(prompt, max_new_tokens=16)
+    assert r.object == "text_completion" and r.choices[0].text == expected
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, max_tokens=16,
+                                                                            model="x", stream=True))
+    assert streamed == expected
+    # a stop string cuts the text before it and reports "stop"
+    stop = expected[len(expected) // 2:len(expected) // 2 + 2]
+    assert stop.strip(), f"pick another prompt: {expected!r}"
+    cut = client.completions.create(model="x", prompt=prompt, max_tokens=16, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # a list of prompts: one choice each, in order
+    two = client.completions.create(model="x", prompt=[prompt, "你好"], max_tokens=6)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[1].text == llm.generate("你好", max_new_tokens=6)
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="x", messages=HELLO, max_tokens=16, temperature=1.0, top_p=0.95)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=8, **kw).choices[0].message.content
+    assert a == b and a != c
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    h = health(server[0])
+    assert h["status"] == "ok" and h["slots"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+def test_16_concurrent_streams_complete_and_match_solo_runs(client, server):
+    prompts = [f"第{i}个问题：{'天' * (i % 5)}你好吗？" for i in range(16)]
+
+    def solo(p):
+        return client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
+                                              max_tokens=20 + len(p) % 7).choices[0].message.content
+
+    expected = [solo(p) for p in prompts]
+    steps_before = health(server[0])["steps"]
+    barrier = threading.Barrier(16)
+
+    def stream(p):
+        barrier.wait()
+        out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
+                                             max_tokens=20 + len(p) % 7, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in out if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(stream, prompts))
+    assert got == expected  # batched rows compute what they compute alone
+    h = health(server[0])
+    assert h["active"] == 0 and h["waiting"] == 0
+    # decoded together, not one after another: far fewer forward steps than tokens
+    total = sum(20 + len(p) % 7 for p in prompts)
+    assert h["steps"] - steps_before < total / 2
+
+
+def test_client_disconnect_frees_its_slot(server, llm, monkeypatch):
+    url, app = server
+    real_forward = llm.model.forward
+
+    def slow_forward(*a, **kw):  # long enough that the request cannot finish before we hang up
+        time.sleep(0.01)
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(llm.model, "forward", slow_forward)
+    before = health(url)
+    body = {"messages": HELLO, "max_tokens": 150, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # generation is under way: hang up
+    deadline = time.time() + 10
+    while (h := health(url))["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert h["active"] == 0 and h["cancelled"] == before["cancelled"] + 1
+    assert h["finished"] == before["finished"] and h["steps"] - before["steps"] < 100
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+LONG = "北京 " * 400  # far over the 256-token context
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/chat/completions", b'{"messages": [', 400, None),  # invalid JSON
+    ("/v1/chat/completions", b'[1, 2]', 400, None),  # not an object
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": "8"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": HELLO, "bogus": 1}, 400, "bogus"),  # unknown field
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": HELLO, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": HELLO, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": HELLO, "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": HELLO, "stop": ["", "x"]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": HELLO, "stream": True, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x" * 70_000}, 413, None),  # over the 64 KiB test limit
+])
+def test_bad_input_gets_openai_error(server, path, body, status, param):
+    url, _ = server
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + path, content=content, headers={**auth(), "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert health(url)["status"] == "ok"
+
+
+def test_body_over_limit_without_content_length_is_413(server):
+    url, _ = server
+
+    def chunks():
+        for _ in range(100):
+            yield b" " * 1024
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers=auth(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_route_is_an_openai_error(server):
+    r = httpx.get(server[0] + "/v1/nothing", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- api key
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"Authorization": f"Basic {KEY}"}])
+def test_api_key_required(server, headers):
+    url, _ = server
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
+        r = httpx.request(method, url + path, headers=headers, json={"messages": HELLO, "prompt": "x"})
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_api_key_wrong_with_openai_client(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="x", messages=HELLO, max_tokens=2)
+
+
+def test_page_and_health_need_no_key(server):
+    url, _ = server
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<meta charset=\"utf-8\">" in page.text and "/v1/chat/completions" in page.text
+    assert httpx.get(url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- batcher
+def test_batcher_matches_single_requests_under_churn(llm):
+    """Staggered arrivals, more requests than slots, and a small cache that forces compaction: every request
+    gets exactly the tokens it gets alone (greedy, seeded sampling, stop strings, EOS)."""
+    prompts = ["北京是", "hello world, this is", "a", "The quick brown fox jumps over the lazy dog and", "你好",
+               "x y z", "床前明月光，疑是地上霜。", "1 2 3 4"] * 2
+    params = []
+    for i in range(len(prompts)):
+        kw = dict(max_new_tokens=4 + 5 * i % 23)
+        if i % 3 == 1:
+            kw.update(temperature=0.9, top_p=0.9, seed=i)
+        params.append(llm.sampling_params(**kw))
+    ids = [llm.encode_prompt(p) for p in prompts]
+    expected = [llm.generate_batch([x], p)[0] for x, p in zip(ids, params)]
+    # a stop string taken from the middle of one expected text
+    k = next(i for i, e in enumerate(expected) if len(e) > 6)
+    params[k].stop = (expected[k][3:5],)
+    expected[k] = expected[k][:expected[k].index(expected[k][3:5])]
+
+    b = Batcher(llm.model, llm.tokenizer, max_concurrency=3, max_len=56, pad_id=llm._pad_id())
+    events = [[] for _ in prompts]
+    b.start()
+    try:
+        for i, (x, p) in enumerate(zip(ids, params)):
+            b.submit(Request(x, p, events[i].append))
+            time.sleep(0.002 * (i % 3))
+        deadline = time.time() + 30
+        while any(not e or e[-1].finish_reason is None for e in events):
+            assert time.time() < deadline, "requests did not finish"
+            time.sleep(0.01)
+    finally:
+        b.close()
+    assert ["".join(ev.text for ev in e) for e in events] == expected
+    assert events[k][-1].finish_reason == "stop"
+    assert b.stats()["compactions"] > 0 and b.stats()["finished"] == len(prompts)
+
+
+def test_batcher_rejects_what_cannot_fit(llm):
+    b = Batcher(llm.model, llm.tokenizer, max_concurrency=1)
+    with pytest.raises(ValueError):
+        b.submit(Request([5] * 200, llm.sampling_params(max_new_tokens=100), lambda ev: None))
+    with pytest.raises(ValueError):
+        b.submit(Request([], llm.sampling_params(max_new_tokens=1), lambda ev: None))
+
+
+def test_never_samples_ids_the_tokenizer_cannot_decode(llm):
+    """A model whose embedding has more rows than the tokenizer (padded vocabularies) must not crash decoding."""
+    cfg = llm.config.replace(vocab_size=llm.tokenizer.vocab_size + 64)
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[llm.tokenizer.vocab_size:] *= 50  # make the undecodable ids the likeliest
+    b = Batcher(model, llm.tokenizer, max_concurrency=1)
+    events = []
+    b.start()
+    try:
+        b.submit(Request(llm.encode_prompt("你好"), llm.sampling_params(max_new_tokens=8), events.append))
+        deadline = time.time() + 10
+        while not events or events[-1].finish_reason is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+    finally:
+        b.close()
+    assert events[-1].error is None and events[-1].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_serve_end_to_end(ckpt):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tianying", "serve", str(ckpt), "--port", str(port),
+                             "--api-key", "k1", "--max-concurrency", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").json()["slots"] == 2:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline, "tianying serve did not come up"
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+        assert c.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=4).choices[0].message.content
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_cli_serve_rejects_bad_options(ckpt, capsys):
+    from tianying.cli import main
+
+    assert main(["serve", str(ckpt), "--max-concurrency", "0"]) == 2
+    assert "max-concurrency" in capsys.readouterr().err

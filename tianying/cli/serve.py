@@ -1,0 +1,54 @@
+"""`tianying serve CKPT`: an OpenAI-compatible HTTP API and a web chat page over one checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tianying.cli._common import add_load_args
+from tianying.errors import TianyingError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page",
+                       description="Serve CKPT at http://HOST:PORT: the chat page at /, GET /health, GET /v1/models, "
+                                   "POST /v1/chat/completions and /v1/completions (OpenAI's request and response "
+                                   "shapes, streaming as server-sent events). Concurrent requests are decoded "
+                                   "together in one batch, up to --max-concurrency at a time; more wait in line.")
+    add_load_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("TIANYING_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* routes (default: $TIANYING_API_KEY, "
+                        "else no key)")
+    p.add_argument("--max-concurrency", type=int, default=8, metavar="N",
+                   help="requests decoded at once; each holds one KV-cache slot of the context length (default: 8)")
+    p.add_argument("--template", default=None,
+                   help="chat template for /v1/chat/completions (default: the one stored with the checkpoint)")
+    p.add_argument("--model-name", default=None,
+                   help="model id reported by /v1/models and in responses (default: the checkpoint's folder name)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from tianying.serve.app import create_app
+    except ImportError as e:
+        raise TianyingError(f"serving needs fastapi and uvicorn ({e}); install them with "
+                            "`pip install 'tianying[serve]'` (or `pip install fastapi uvicorn`)") from None
+    if args.max_concurrency < 1:
+        raise TianyingError(f"--max-concurrency must be ≥ 1, got {args.max_concurrency}")
+    if not 0 <= args.port <= 65535:
+        raise TianyingError(f"--port must be in 0..65535, got {args.port}")
+    from tianying.cli._common import load_llm
+
+    llm = load_llm(args)
+    app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency)
+    auth = "API key required" if args.api_key else "no API key"
+    print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
