@@ -15,7 +15,7 @@ from tianying import __version__
 from tianying.errors import TianyingError
 
 # module names under tianying.cli, in the order `--help` lists them
-VERBS = ["generate", "chat", "convert", "tokenizer", "eval", "serve", "quantize"]
+VERBS = ["generate", "chat", "convert", "tokenizer", "eval", "serve", "quantize", "data", "pretrain"]
 
 
 def build_parser() -> argparse.ArgumentParser:

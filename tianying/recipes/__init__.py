@@ -1,0 +1,1 @@
+"""Recipes: the wiring of a dataset, a model and the one training loop (`tianying.train.loop.train`)."""
