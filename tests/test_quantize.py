@@ -306,3 +306,113 @@ def test_gptq_checkpoint_round_trip_is_exact(tmp_path, bits: int, group: int, sy
     files2 = load_file(tmp_path / "again" / "model.safetensors")
     assert files.keys() == files2.keys() and all(torch.equal(files[k], files2[k]) for k in files)
 
+
+
+# ---------------------------------------------------------------------------------------------- GPTQ
+def _correlated_inputs(k: int, t: int, seed: int = 0) -> torch.Tensor:
+    """[t, k] activations with correlated channels and a few heavy ones, like real layer inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)
+    x = torch.randn(t, k, generator=gen) @ mix
+    x[:, :4] *= 8
+    return x
+
+
+@pytest.mark.parametrize("spec, act_order", [(QuantSpec(4, 32, True), False), (QuantSpec(4, 32, True), True),
+                                             (QuantSpec(4, 128, False), True), (QuantSpec(8, -1, True), False)],
+                         ids=str)
+def test_gptq_beats_rtn_on_layer_output(spec: QuantSpec, act_order: bool) -> None:
+    from tianying.quantize.gptq import gptq_quantize_weight
+
+    lin = _linear(k=128, n=64)
+    X = _correlated_inputs(128, 512)
+    H = 2 * X.t() @ X / X.shape[0]
+    q, s, z, perm = gptq_quantize_weight(lin.weight, H, spec, act_order=act_order)
+    assert (perm is not None) == act_order
+    gptq = QuantLinear.from_int(q, s, z, spec, perm=perm)
+    rtn = QuantLinear.from_linear(lin, spec)
+    with torch.no_grad():
+        y = lin(X)
+        e_gptq = (gptq(X) - y).norm()
+        e_rtn = (rtn(X) - y).norm()
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_gptq_on_a_tiny_model_reduces_every_layers_error_vs_rtn() -> None:
+    import copy
+
+    from tianying.quantize.gptq import gptq_quantize
+
+    cfg = Config.from_name("test-mha", intermediate_size=192)
+    model = build_model(cfg, seed=0)
+    rtn = quantize_model(copy.deepcopy(model), bits=4, group_size=32)
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, cfg.vocab_size, (64,), generator=gen) for _ in range(8)]
+    # record each layer's input on the calibration data in the float model
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1,
+             a[0].shape[-1]))) for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n]
+    with torch.no_grad():
+        for s in samples:
+            model(s[None])
+    for h in hooks:
+        h.remove()
+    W = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in seen}
+    errors = gptq_quantize(model, samples, bits=4, group_size=32, act_order=True, progress=False)
+    assert set(errors) == set(seen) and all(0 < e < 0.05 for e in errors.values())
+    q, r = dict(model.named_modules()), dict(rtn.named_modules())
+    for n, xs in seen.items():
+        X = torch.cat(xs)
+        e_gptq = ((q[n].dequantize() - W[n]) @ X.t()).norm()
+        e_rtn = ((r[n].dequantize() - W[n]) @ X.t()).norm()
+        assert e_gptq < e_rtn, (n, e_gptq, e_rtn)
+    with torch.no_grad():
+        ids = samples[0][None]
+        assert torch.isfinite(model(ids)).all()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.fixture()
+def tiny_ckpt(tmp_path):
+    from pathlib import Path
+
+    from tianying.checkpoint import save_hf
+
+    tok = Path(__file__).parent / "data" / "tokenizer"
+    cfg = Config.from_name("test-mha", vocab_size=3008, intermediate_size=192, bos_token_id=3006, eos_token_id=3007)
+    model = build_model(cfg, seed=0)
+    save_hf(model, cfg, tmp_path / "fp", tokenizer_dir=tok)
+    return tmp_path / "fp", model, cfg
+
+
+def test_cli_quantize_rtn_and_gptq(tiny_ckpt, tmp_path, capsys) -> None:
+    import json
+
+    from tianying.cli import main
+    from tianying.quantize import load_quantized
+
+    src, model, cfg = tiny_ckpt
+    assert main(["quantize", str(src), str(tmp_path / "rtn"), "--bits", "8"]) == 0
+    assert "rtn, 8 bits" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == 8 and qc["group_size"] == -1 and qc["tianying_method"] == "rtn"
+    assert (tmp_path / "rtn" / "tokenizer.json").is_file()
+    q8, _ = load_quantized(tmp_path / "rtn", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    with torch.no_grad():
+        ref, got = model(ids), q8(ids)
+    assert (got - ref).norm() / ref.norm() < 0.02
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." * 5 for i in range(40)))
+    rc = main(["quantize", str(src), str(tmp_path / "gptq"), "--bits", "4", "--group-size", "32", "--method",
+               "gptq", "--calibration", str(calib), "--samples", "4", "--seq-len", "32", "--act-order"])
+    assert rc == 0
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["tianying_method"] == "gptq" and qc["group_size"] == 32
+    assert "GPTQ" in capsys.readouterr().err  # the per-layer progress bar
+
+    assert main(["quantize", str(src), str(tmp_path / "bad"), "--bits", "3"]) == 2
+    assert "bits=3 is not supported" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(tmp_path / "bad"), "--method", "gptq"]) == 2
+    assert not (tmp_path / "bad").exists()
