@@ -13,7 +13,9 @@ import torch
 from tianying.checkpoint import (
     CheckpointError,
     convert,
+    default_dtype,
     detect_format,
+    expected_shapes,
     load_config,
     load_model,
     load_state_dict,
@@ -111,6 +113,29 @@ def test_load_dtype_and_save_dtype(tmp_path):
     m32, _ = load_model(out)
     assert {p.dtype for p in m32.parameters()} == {torch.float32}
     torch.testing.assert_close(m32.lm_head.weight, model.lm_head.weight.bfloat16().float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cfg_name", ["test-mha", "test-gqa"])
+def test_expected_shapes_match_the_model(cfg_name):
+    cfg = Config.from_name(cfg_name)
+    model = build_model(cfg, init=False)
+    assert list(expected_shapes(cfg).items()) == [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def test_default_dtype():
+    sd = {"a": torch.zeros(10, dtype=torch.bfloat16), "b": torch.zeros(2), "i": torch.zeros(50, dtype=torch.long)}
+    assert default_dtype(sd, "cpu") is torch.float32  # CPU: fp32 whatever the file holds
+    assert default_dtype(sd, "cuda") is torch.bfloat16  # elsewhere: what most of the weights are stored in
+
+
+def test_legacy_bin_serialization(tmp_path):
+    """Pre-zip torch.save files cannot be memory-mapped; they are still read, still weights-only."""
+    model, cfg = _model("test-mha")
+    out = save_flagai(model, cfg, tmp_path / "native")
+    native = torch.load(out / "pytorch_model.bin", weights_only=True)
+    torch.save(native, out / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    back, _ = load_model(out)
+    _sd_equal(back.state_dict(), model.state_dict())
 
 
 def test_parse_helpers():
@@ -310,6 +335,19 @@ def test_overwrite_replaces_checkpoint_but_not_other_dirs(tmp_path):
     with pytest.raises(CheckpointError, match="refusing"):
         save_hf(model, cfg, precious)
     assert (precious / "thesis.tex").exists()
+
+
+def test_save_over_the_checkpoint_being_read(tmp_path):
+    """Loaded parameters are views of the files; writing over their directory must not corrupt them."""
+    model, cfg = _model("test-gqa")
+    out = save_hf(model, cfg, tmp_path / "hf")
+    loaded, _ = load_model(out)
+    save_hf(loaded, cfg, out, dtype="bf16")
+    _sd_equal(loaded.state_dict(), model.state_dict())  # still the old fp32 values, readable
+    assert {t.dtype for t in load_state_dict(out).values()} == {torch.bfloat16}
+    convert(out, out, to="flagai")  # in place, across layouts
+    assert detect_format(out) == "flagai"
+    _sd_equal(load_state_dict(out), {k: v.bfloat16() for k, v in model.state_dict().items()})
 
 
 # ---------------------------------------------------------------------- memory

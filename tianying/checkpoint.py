@@ -12,11 +12,16 @@ Reading (any layout, detected from config.json and the files present):
 Memory: the model is built on the meta device and every tensor is read memory-mapped (safetensors maps the
 file; `torch.load(mmap=True)` maps the zip), cast per tensor, and assigned into the module. When the requested
 dtype equals the file's, the parameters *are* the mapped file pages (copy-on-write), so nothing is constructed
-twice. Measured (torch 2.13 CPU, a 47.8M-parameter model, peak RSS minus RSS after imports):
-  fp32 safetensors, 191 MB file → fp32 model: +189 MB peak (0.99× the file)
-  fp32 .bin,        191 MB file → fp32 model: +190 MB peak (1.00×)
-  fp16 safetensors,  96 MB file → fp32 model: +289 MB peak (the 191 MB fp32 copy + the mapped fp16 pages)
-A naive `torch.load` + `load_state_dict` (random init, then copy) peaks at about 2× the fp32 size.
+twice. Measured (torch 2.13 CPU, a 48.0M-parameter model, growth of peak RSS (VmHWM) during `load_model`
+after a warm-up load, all pages touched):
+  fp32 model.safetensors   192 MB → fp32: +189 MB (1.01× the file)
+  fp32 pytorch_model.bin   192 MB → fp32: +189 MB (1.01×)
+  fp32 FlagAI native .bin  192 MB → fp32: +210 MB (1.12×: the permuted q/k rows are copies)
+  fp16 model.safetensors    96 MB → fp32: +282 MB (the 192 MB fp32 weights + the mapped fp16 pages)
+  naive build_model() + torch.load() + load_state_dict(), 192 MB: +377 MB (2.01×)
+The first load in a process also costs a one-time ~60 MB (torch's meta-device machinery), excluded above.
+Because loaded parameters may be views of the files, checkpoints are never rewritten in place: the writers
+below replace a directory by rename, which leaves the mapped (now unlinked) files intact.
 
 Writing is atomic: files go into a temporary sibling directory, are fsynced, and the directory is renamed
 over the target, so a crash leaves either the old checkpoint or the new one, never half of one.
@@ -300,10 +305,29 @@ def _hf_to_native(name: str, t: torch.Tensor, cfg: Config) -> tuple[str, torch.T
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """HF parameter name → shape for a config (from a meta-device model: no memory)."""
-    from tianying.model import build_model
+    """HF parameter name → shape for a config, in `Transformer.state_dict()` order.
 
-    return {k: tuple(v.shape) for k, v in build_model(cfg, init=False).state_dict().items()}
+    Spelled out rather than read from a meta-device model: building one costs seconds on first use (torch
+    imports its compiler stack for `normal_` on meta), which `convert` and the writers do not need to pay.
+    tests/test_checkpoint.py checks that this agrees with the model.
+    """
+    d, f, v, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (cfg.n_head * hd, d),
+            p + "self_attn.k_proj.weight": (cfg.n_kv_head * hd, d),
+            p + "self_attn.v_proj.weight": (cfg.n_kv_head * hd, d),
+            p + "self_attn.o_proj.weight": (d, cfg.n_head * hd),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+        })
+    shapes.update({"model.norm.weight": (d,), "lm_head.weight": (v, d)})
+    return shapes
 
 
 def _check(names_shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
@@ -353,22 +377,34 @@ def load_state_dict(path: str | Path, dtype: str | torch.dtype | None = None, cf
     return out
 
 
+def default_dtype(sd: Mapping[str, torch.Tensor], device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (half-precision matmuls are slow there); elsewhere the dtype holding most of the weights."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    counts: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Config]:
     """(Transformer in eval mode, Config) from any supported checkpoint directory.
 
-    dtype None → float32 on CPU (half-precision matmuls are slow there), the checkpoint's own dtype elsewhere.
+    dtype None → float32 on CPU, the checkpoint's own dtype elsewhere (see `default_dtype`).
     """
     from tianying.model import build_model
 
     cfg = load_config(path)
     device = torch.device(device)
-    want = parse_dtype(dtype)
-    if want is None and device.type == "cpu":
-        want = torch.float32
     model = build_model(cfg, init=False)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sd = load_state_dict(path, dtype=want, cfg=cfg, device=device, shapes=shapes)  # None: the file's dtype
+    sd = load_state_dict(path, cfg=cfg, shapes=shapes)  # memory-mapped views, nothing copied yet
+    want = parse_dtype(dtype) or default_dtype(sd, device)
+    for name, t in sd.items():  # one tensor at a time, so at most one extra tensor is alive
+        if t.is_floating_point() and t.dtype != want or t.device != device:
+            sd[name] = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

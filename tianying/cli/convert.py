@@ -26,10 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tianying.checkpoint import convert, detect_format, load_config, parse_size
+    from tianying.checkpoint import convert, detect_format, parse_size
 
     parse_size(args.max_shard_size)  # fail on a bad size before reading anything
-    src_format = detect_format(args.src) if load_config(args.src) else None
+    src_format = detect_format(args.src)
     out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"converted {args.src} ({src_format}) → {out} ({args.to}{', ' + args.dtype if args.dtype else ''})")
     return 0
