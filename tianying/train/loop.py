@@ -75,7 +75,8 @@ class TrainConfig:
     cpu_offload: bool = False  # FSDP: keep parameter/optimizer shards in host memory
     device: str | None = None  # default cuda when available, else cpu
     compile: bool = False  # torch.compile the model (needs a C++ compiler on CPU)
-    tensorboard: bool = True
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss-curve PNG at the end (needs matplotlib)
     progress: bool = True  # tqdm bar
     peak_flops: float | None = None  # per device, for MFU; default: known GPU table, or measured on CPU
 
@@ -490,7 +491,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
         save_model(full, final)
     D.barrier(info)
     logger.close()
-    if info.is_main and logger.path.is_file():
+    if info.is_main and cfg.plot and logger.path.is_file():
         plot_loss(logger.path, out_dir / "loss.png")
     return TrainResult(raw, done, last_loss, val_loss, out_dir)
 
