@@ -15,7 +15,8 @@ from tianying import __version__
 from tianying.errors import TianyingError
 
 # module names under tianying.cli, in the order `--help` lists them
-VERBS = ["generate", "chat", "convert", "tokenizer", "eval", "serve", "quantize", "data", "pretrain"]
+VERBS = ["generate", "chat", "convert", "tokenizer", "eval", "serve", "quantize", "data", "pretrain", "finetune",
+         "merge_lora"]
 
 
 def build_parser() -> argparse.ArgumentParser:
