@@ -135,20 +135,20 @@ def test_sse_wire_format(server):
 
 def test_completions_route_and_stop_strings(client, llm):
     prompt = "床前明月光，"
-    r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=16)
+    r = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=16, temperature=0)
     expected = llm.generate(prompt, max_new_tokens=16)
     assert r.object == "text_completion" and r.choices[0].text == expected
     assert r.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
-    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, max_tokens=16,
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, max_tokens=16, temperature=0,
                                                                             model="x", stream=True))
     assert streamed == expected
     # a stop string cuts the text before it and reports "stop"
     stop = expected[len(expected) // 2:len(expected) // 2 + 2]
     assert stop.strip(), f"pick another prompt: {expected!r}"
-    cut = client.completions.create(model="x", prompt=prompt, max_tokens=16, stop=[stop])
+    cut = client.completions.create(model="x", prompt=prompt, max_tokens=16, stop=[stop], temperature=0)
     assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
     # a list of prompts: one choice each, in order
-    two = client.completions.create(model="x", prompt=[prompt, "你好"], max_tokens=6)
+    two = client.completions.create(model="x", prompt=[prompt, "你好"], max_tokens=6, temperature=0)
     assert [c.index for c in two.choices] == [0, 1]
     assert two.choices[1].text == llm.generate("你好", max_new_tokens=6)
 
@@ -173,7 +173,7 @@ def test_16_concurrent_streams_complete_and_match_solo_runs(client, server):
 
     def solo(p):
         return client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
-                                              max_tokens=20 + len(p) % 7).choices[0].message.content
+                                              max_tokens=20 + len(p) % 7, temperature=0).choices[0].message.content
 
     expected = [solo(p) for p in prompts]
     steps_before = health(server[0])["steps"]
@@ -182,7 +182,7 @@ def test_16_concurrent_streams_complete_and_match_solo_runs(client, server):
     def stream(p):
         barrier.wait()
         out = client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
-                                             max_tokens=20 + len(p) % 7, stream=True)
+                                             max_tokens=20 + len(p) % 7, temperature=0, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in out if c.choices)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -387,7 +387,8 @@ def test_cli_serve_end_to_end(ckpt):
                 assert time.time() < deadline, "tianying serve did not come up"
                 time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
-        assert c.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=4).choices[0].message.content
+        r = c.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens <= 4
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         proc.terminate()

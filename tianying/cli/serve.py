@@ -26,6 +26,9 @@ def register(sub) -> None:
                    help="requests decoded at once; each holds one KV-cache slot of the context length (default: 8)")
     p.add_argument("--template", default=None,
                    help="chat template for /v1/chat/completions (default: the one stored with the checkpoint)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
+                        "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in responses (default: the checkpoint's folder name)")
     p.set_defaults(func=run)
@@ -43,6 +46,12 @@ def run(args) -> int:
         raise TianyingError(f"--max-concurrency must be ≥ 1, got {args.max_concurrency}")
     if not 0 <= args.port <= 65535:
         raise TianyingError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TianyingError(f"--threads must be ≥ 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from tianying.cli._common import load_llm
 
     llm = load_llm(args)

@@ -297,7 +297,9 @@ def _params(llm, req: _Sampling, ids: list[int], max_tokens: int | None, param: 
     if len(stops) > 16 or any(not s for s in stops):
         raise APIError(400, "'stop' takes up to 16 non-empty strings.", param="stop", code="invalid_value")
     try:
-        return llm.sampling_params(max_new_tokens=max_tokens, temperature=req.temperature or 0.0,
+        # OpenAI's defaults: temperature 1, top_p 1 (pass temperature 0 for greedy decoding)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return llm.sampling_params(max_new_tokens=max_tokens, temperature=temperature,
                                    top_p=req.top_p, top_k=req.top_k, seed=req.seed,
                                    repetition_penalty=req.repetition_penalty or 1.0,
                                    stop=list(extra_stops) + stops)
