@@ -274,6 +274,11 @@ def test_rolling_windows_score_every_token_once_and_match_one_forward_when_it_fi
     assert full == pytest.approx(-naive_loglikelihood(model, [2], ids), abs=1e-4)
     windowed, n2 = rolling_nll(model, ids, 2, window=8)
     assert n2 == 30 and windowed != pytest.approx(full, abs=1e-6)  # less context, different (finite) number
+    assert rolling_nll(model, ids, 2, window=8, batch_size=1)[0] == pytest.approx(windowed, abs=1e-4)
+    # overlapping windows (stride < window): each chunk of 4 tokens seen with up to 8 tokens of input
+    ref = sum(-naive_loglikelihood(model, ([2] + ids)[max(0, b - 1 - 8):a], ids[a - 1:b - 1])
+              for a, b in ((a, min(a + 4, 31)) for a in range(1, 31, 4)))
+    assert rolling_nll(model, ids, 2, window=8, stride=4)[0] == pytest.approx(ref, abs=1e-4)
 
 
 def test_humaneval_samples_file_scores_canonical_and_broken_completions(tmp_path):
@@ -363,6 +368,18 @@ def test_tianying_eval_end_to_end(tiny_checkpoint, tmp_path, capsys):
     for row in res["table"]:
         assert math.isfinite(row["value"]) and row["n"] >= 1
     assert res["tasks"]["humaneval"]["info"]["sandbox"]  # the sandbox reported its layers
+
+
+def test_tianying_eval_with_the_chat_template_records_it(tiny_checkpoint, tmp_path):
+    from tianying.cli import main
+
+    out = tmp_path / "chat.json"
+    assert main(["eval", str(tiny_checkpoint), "--sample-data", "--tasks", "ceval", "--limit", "1",
+                 "--num-fewshot", "0", "--chat-template", "aquila-v1", "--output", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["chat_template"] == "aquila-v1"
+    prompt = res["tasks"]["ceval"]["samples"][0]["prompt"]
+    assert prompt.startswith("<|startofpiece|>问题：") and prompt.endswith("答案：<|endofpiece|>")
 
 
 def test_tianying_eval_reports_user_errors(tiny_checkpoint, tmp_path, capsys):

@@ -460,7 +460,7 @@ def run_perplexity(task: Task, lm: EvalLM, data_dir: Path, limit: int | None, pr
             ids = lm.encode(text)
             if not ids:
                 continue
-            d_nll, d_toks = rolling_nll(lm.model, ids, prefix, window)
+            d_nll, d_toks = rolling_nll(lm.model, ids, prefix, window, batch_size=lm.batch_size)
             b = len(text.encode("utf-8"))
             nll, toks, nbytes = nll + d_nll, toks + d_toks, nbytes + b
             res.records.append({"lang": lang, "doc": i, "prompt": text[:200], "tokens": d_toks, "bytes": b,

@@ -110,12 +110,13 @@ def score_requests(model: Transformer, requests: Sequence[tuple[Sequence[int], S
 
 
 @torch.no_grad()
-def rolling_nll(model: Transformer, ids: Sequence[int], prefix_id: int, window: int, stride: int | None = None
-                ) -> tuple[float, int]:
+def rolling_nll(model: Transformer, ids: Sequence[int], prefix_id: int, window: int, stride: int | None = None,
+                batch_size: int = 8) -> tuple[float, int]:
     """(total negative log-likelihood in nats, tokens scored) of a whole document.
 
     Every token of `ids` is predicted once: the document is prefixed with `prefix_id` and cut into chunks of
-    `stride` (default `window`) predicted tokens, each seen with up to `window` tokens of input.
+    `stride` (default `window`) predicted tokens, each seen with up to `window` tokens of input. Windows of
+    equal input length run together, `batch_size` at a time.
     """
     stride = stride or window
     if not 0 < stride <= window:
@@ -123,15 +124,23 @@ def rolling_nll(model: Transformer, ids: Sequence[int], prefix_id: int, window: 
     _, device = _dtype_device(model)
     toks = [prefix_id, *ids]
     n = len(toks)
-    total = 0.0
-    for a in range(1, n, stride):  # predict toks[a:b]
+    spans = []  # (lo, a, b): input toks[lo:b-1] predicts toks[a:b]
+    for a in range(1, n, stride):
         b = min(a + stride, n)
-        lo = max(0, b - 1 - window)
-        inp = torch.tensor([toks[lo:b - 1]], device=device)
-        logp = model(inp).float().log_softmax(-1)[0]  # row j predicts toks[lo + j + 1]
-        rows = torch.arange(a - 1 - lo, b - 1 - lo, device=device)
-        tgt = torch.tensor(toks[a:b], device=device)
-        total -= float(logp[rows, tgt].sum())
+        spans.append((max(0, b - 1 - window), a, b))
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for sp in spans:
+        by_len.setdefault(sp[2] - 1 - sp[0], []).append(sp)
+    total = 0.0
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            inp = torch.tensor([toks[lo:b - 1] for lo, _, b in chunk], device=device)
+            logp = model(inp).float().log_softmax(-1)  # row j predicts toks[lo + j + 1]
+            for r, (lo, a, b) in enumerate(chunk):
+                rows = torch.arange(a - 1 - lo, b - 1 - lo, device=device)
+                tgt = torch.tensor(toks[a:b], device=device)
+                total -= float(logp[r, rows, tgt].sum())
     return total, n - 1
 
 
