@@ -95,3 +95,10 @@ def test_round_trip_and_rope_scaling_spellings():
         Config.from_hf(hf_json(model_type="gpt2"))
     with pytest.raises(ConfigError, match="hidden_size"):
         Config.from_hf({k: v for k, v in hf_json().items() if k != "hidden_size"})
+
+
+def test_transformers5_rope_parameters_spelling():
+    cfg = Config.from_hf(hf_json(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}))
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling["type"] == "linear" and cfg.rope_scaling["factor"] == 4.0
+    cfg = Config.from_hf(hf_json(rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling is None

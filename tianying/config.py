@@ -109,6 +109,12 @@ class Config:
             raise ConfigError(f"model_type {model_type!r} is not a LLaMA/Aquila model")
         if raw.get("tie_word_embeddings"):
             raise ConfigError("tied input/output embeddings are not an Aquila layout")
+        raw = dict(raw)
+        rp = raw.get("rope_parameters")  # transformers ≥ 5 spelling: theta and scaling in one object
+        if isinstance(rp, dict):
+            raw.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if raw.get("rope_scaling") is None and rp.get("rope_type", rp.get("type")) not in (None, "default"):
+                raw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         try:
             n_head = int(raw["num_attention_heads"])
             cfg = dict(
@@ -137,7 +143,7 @@ class Config:
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
             "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tianying_chat_template",
-            "torch_dtype", "dtype", "model_type", "architectures", "tie_word_embeddings",
+            "torch_dtype", "dtype", "model_type", "architectures", "tie_word_embeddings", "rope_parameters",
         }
         cfg["extra"] = {k: v for k, v in raw.items() if k not in known}
         return cls(**_fix_special_ids(cfg))
