@@ -162,17 +162,19 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     seen = ids if track_seen else None  # padding ids in `seen` only matter if the model would emit them
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    some_finished = False  # a Python flag, so an ordinary step spends no tensor ops on bookkeeping
 
     logits = model(ids, cache=cache, positions=positions, pad_mask=pad_mask, last_only=True)[:, -1]
     for step in range(params.max_new_tokens):
         processed = process_logits(logits.float(), params, seen, step)
         nxt = sample(processed, params, generator)
-        if B > 1 or not unfinished.all():
+        if some_finished:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
         yield nxt.cpu()
         if stop_ids.numel():
             unfinished &= ~torch.isin(nxt, stop_ids)
-            if not bool(unfinished.any()):
+            some_finished = not bool(unfinished.all())
+            if some_finished and not bool(unfinished.any()):
                 return
         if step + 1 == params.max_new_tokens:
             return

@@ -32,6 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # written out, not F.rms_norm: on CPU that is a composite of the same ops plus casts (more ops per call)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -47,18 +48,21 @@ class KVCache:
     def __init__(self, cfg: Config, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: only written columns [:pos] are ever read, and untouched pages cost no memory
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: one op per write/read
         self.valid: torch.Tensor | None = None  # [B, max_len] bool once any padding was seen
         self.max_len = max_len
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v [B, n_kv_head, T, D] in place at `pos`; returns the filled [B, n_kv_head, pos+T, D]."""
         T = k.shape[2]
-        end = self.pos + T
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        kc, vc = self._layers[layer]
+        kc.narrow(2, self.pos, T).copy_(k)
+        vc.narrow(2, self.pos, T).copy_(v)
+        return kc.narrow(2, 0, self.pos + T), vc.narrow(2, 0, self.pos + T)
 
     def reset(self) -> None:
         self.pos = 0
@@ -149,21 +153,31 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
 
     # ------------------------------------------------------------------ rotary tables
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor | None, start: int, T: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B or 1, T, D] for `positions` [B, T], or for start + arange(T) when positions is None.
+
+        Unscaled and linear RoPE read a table built once per device/dtype; the common case (no positions
+        given, as in every unpadded decode step) is a slice of it, with no per-step index arithmetic.
+        """
         cfg = self.config
         scaling = cfg.rope_scaling
         if scaling and scaling["type"] not in ("linear",):
             # length-dependent variants are recomputed per forward, as transformers does
+            if positions is None:
+                positions = torch.arange(start, start + T, device=device)[None]
             seq_len = int(positions.max()) + 1
             return rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, scaling, cfg.max_position_embeddings,
                                 seq_len=seq_len, dtype=dtype)
-        need = int(positions.max()) + 1
+        need = start + T if positions is None else int(positions.max()) + 1
         t = self._rope_table
-        if t is None or t[0] < need or t[1] != positions.device or t[2] != dtype:
+        if t is None or t[0] < need or t[1] != device or t[2] != dtype:
             n = max(need, cfg.max_position_embeddings)
-            cos, sin = rope_cos_sin(torch.arange(n, device=positions.device), cfg.head_dim, cfg.rope_theta,
+            cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta,
                                     scaling, cfg.max_position_embeddings, seq_len=n, dtype=dtype)
-            t = self._rope_table = (n, positions.device, dtype, cos, sin)
+            t = self._rope_table = (n, device, dtype, cos, sin)
+        if positions is None:
+            return t[3][None, start:start + T], t[4][None, start:start + T]
         return t[3][positions], t[4][positions]
 
     # ------------------------------------------------------------------ forward
@@ -184,8 +198,6 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
         device = input_ids.device
-        if positions is None:
-            positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, T)
 
         # key validity: which of the (cached + new) positions are real tokens
         valid = None
@@ -198,6 +210,7 @@ class Transformer(nn.Module):
         elif pad_mask is not None:
             valid = pad_mask
 
+        # an unpadded decode step (T = 1, no valid mask) needs no mask at all: the query sees every key
         mask, is_causal = None, False
         if valid is None and start == 0:
             is_causal = T > 1
@@ -211,7 +224,7 @@ class Transformer(nn.Module):
                 mask = (mask & valid[:, None, None, :]) | (k_idx == q_idx)[None, None]
 
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(positions, start, T, x.dtype, device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
