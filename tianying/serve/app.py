@@ -215,7 +215,7 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
             prompt = render_chat(messages, template.name)
         except TianyingError as e:
             raise APIError(400, str(e), param="messages", code="invalid_messages") from None
-        ids = _encode(llm, prompt, "messages")
+        ids = await asyncio.to_thread(_encode, llm, prompt, "messages")  # a long prompt must not stall streams
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = _params(llm, req, ids, max_tokens, param, "messages", context, extra_stops=template.stop_strings)
@@ -238,7 +238,7 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
             raise APIError(400, "'prompt' is an empty list.", param="prompt", code="invalid_value")
         if len(prompts) > batcher.slots * 4:
             raise APIError(400, f"at most {batcher.slots * 4} prompts per request", param="prompt")
-        all_ids = [_encode(llm, p, "prompt") for p in prompts]
+        all_ids = await asyncio.to_thread(lambda: [_encode(llm, p, "prompt") for p in prompts])
         params = _params(llm, req, max(all_ids, key=len), req.max_tokens, "max_tokens", "prompt", context)
         rid, kind = f"cmpl-{uuid.uuid4().hex}", "text"
         if req.stream:
