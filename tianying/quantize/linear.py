@@ -234,6 +234,7 @@ class QuantLinear(nn.Module):
         self.layout = "int8" if spec.bits == 8 else "nibble"
         self.backend = "auto"  # "auto" | "reference"
         self._fast: dict = {}  # per-dtype kernel operands (scales in the activation dtype, ...)
+        self.cache_ops = True  # False when the buffers are refilled in place (streamed layers)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -354,7 +355,8 @@ class QuantLinear(nn.Module):
                 ops = (s[0].to(x.dtype), None if bool((self.zeros == 128).all()) else off.to(x.dtype))
             else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z)
                 ops = (torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1).to(x.dtype).contiguous(),)
-            self._fast[(path, x.dtype)] = ops
+            if self.cache_ops:
+                self._fast[(path, x.dtype)] = ops
         if path == "int8_cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, ops[0])
             if ops[1] is not None:
