@@ -57,8 +57,8 @@ def url(tmp_path_factory):
     llm = LLM.load(out)
     real_forward = llm.model.forward
 
-    def slow_forward(*a, **kw):  # slow enough that the stop button is clickable mid-reply
-        time.sleep(0.02)
+    def slow_forward(*a, **kw):  # slow enough to watch the reply grow and to click Stop mid-reply
+        time.sleep(0.03)
         return real_forward(*a, **kw)
 
     llm.model.forward = slow_forward
