@@ -88,6 +88,8 @@ class _SlotPool:
 
     def __init__(self, cfg, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim)
+        # zeros, not empty (unlike KVCache): a row reads columns other rows' prefills wrote around it, masked
+        # out but still multiplied, and uninitialised memory may hold NaN, which a mask does not remove
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(slots, max_len, dtype=torch.bool, device=device)
