@@ -14,6 +14,8 @@ transformers state dict loads with no renaming. Generation uses a preallocated `
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,15 +249,28 @@ def build_model(cfg: Config, device: str | torch.device = "cpu", dtype: torch.dt
                 init: bool = True, seed: int | None = None) -> Transformer:
     """A freshly initialised model (init=False leaves it on the meta device for a checkpoint to fill)."""
     if not init:
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_default_init():
             return Transformer(cfg)
-    with torch.device(device):
+    with torch.device(device), _skip_default_init():
         model = Transformer(cfg)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
     model.init_weights(gen)
     return model.to(dtype)
+
+
+@contextmanager
+def _skip_default_init():
+    """nn.Linear/nn.Embedding initialise themselves on construction; we overwrite (init_weights) or load every
+    weight anyway. Skipping it saves the work, and on the meta device it avoids a first-call import of torch's
+    decomposition machinery (measured: 7.5 s → 0.07 s for the first meta build on this 2-core machine)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def count_params(model: nn.Module) -> int:
