@@ -261,7 +261,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
                 return v if dtype != torch.float32 else v / 2  # TF32 is half the bf16 rate
         return 100e12
     n = 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run restored it just before this
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     a @ b
     t0, reps = time.perf_counter(), 0
     while time.perf_counter() - t0 < 0.05:
