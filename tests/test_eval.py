@@ -234,6 +234,13 @@ def test_mc_scoring_runs_the_prompt_once_per_item():
     assert m.calls == 2 and m.tokens == 100 + 4 * 3  # prompt once, then the four choices on its cache
 
 
+def test_greedy_flags_mark_continuations_that_are_all_argmax():
+    m = MockLM(prefer=9)
+    flags: list[bool] = []
+    score_continuations(m, [5, 6], [[9, 9, 9], [9, 8], [7], [9]], flags)
+    assert flags == [True, False, False, True]
+
+
 # ------------------------------------------------------------------------------------------------ task kinds
 def test_mc_accuracy_follows_the_models_preference(tmp_path):
     prefer_b = MockLM(prefer=ord("B") + 3)

@@ -44,9 +44,13 @@ def next_token_logprobs(model: Transformer, contexts: Sequence[Sequence[int]], p
 
 
 @torch.no_grad()
-def score_continuations(model: Transformer, context: Sequence[int], continuations: Sequence[Sequence[int]]
-                        ) -> list[float]:
-    """Summed log-likelihood of each continuation after `context`, sharing the context's KV cache."""
+def score_continuations(model: Transformer, context: Sequence[int], continuations: Sequence[Sequence[int]],
+                        greedy: list[bool] | None = None) -> list[float]:
+    """Summed log-likelihood of each continuation after `context`, sharing the context's KV cache.
+
+    If `greedy` is a list, it receives, per continuation, whether every token was the argmax (lm-eval's
+    `is_greedy`).
+    """
     if any(len(c) == 0 for c in continuations):
         raise ValueError("empty continuation")
     dtype, device = _dtype_device(model)
@@ -57,6 +61,10 @@ def score_continuations(model: Transformer, context: Sequence[int], continuation
     first = model(torch.tensor([list(context)], device=device), cache=cache, last_only=True)[0, -1]
     first = first.float().log_softmax(-1)
     scores = [float(first[c[0]]) for c in continuations]
+    top = int(first.argmax())
+    flags = [c[0] == top for c in continuations]
+    if greedy is not None:
+        greedy[:] = flags
     if Tc == 1:
         return scores
     shared = KVCache(cfg, C, L + Tc - 1, dtype, device)
@@ -74,6 +82,9 @@ def score_continuations(model: Transformer, context: Sequence[int], continuation
         if len(c) > 1:
             tgt = torch.tensor(list(c[1:]), device=device)
             scores[i] += float(logp[i, torch.arange(len(c) - 1, device=device), tgt].sum())
+            flags[i] = flags[i] and bool((logp[i, : len(c) - 1].argmax(-1) == tgt).all())
+    if greedy is not None:
+        greedy[:] = flags
     return scores
 
 
