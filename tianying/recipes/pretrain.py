@@ -7,6 +7,7 @@ that the checkpoint it writes generates and stops with the tokenizer it is saved
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
         want = cfg.max_steps * G if cfg.max_steps is not None else None
         train_ds, valid_ds = build_pretrain_datasets(cfg.data, cfg.valid_data, cfg.seq_length, cfg.seed, cfg.split,
                                                      want)
-        if want is None and cfg.epochs > 1:  # later epochs see the documents in new orders
+        if want is None and cfg.epochs > 1:  # later epochs see the documents in new orders (Megatron style)
             train_ds, valid_ds = build_pretrain_datasets(cfg.data, cfg.valid_data, cfg.seq_length, cfg.seed,
                                                          cfg.split, cfg.epochs * len(train_ds))
+            cfg = dataclasses.replace(cfg, max_steps=len(train_ds) // G)  # the dataset already holds every epoch
         _check_vocab(cfg.data, cfg.valid_data, mcfg.vocab_size, DataError)
         batches = StepBatches(train_ds, cfg.batch_size, cfg.gradient_accumulation_steps, info.rank,
                               info.world_size, collate_packed)
