@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test browser lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/python -m tianying.demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# Debian's Chromium for the web-page test (skipped with a message where no browser can be installed)
+browser:
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	    echo "note: chromium not installed; the browser test will be skipped"; }
 
 lint: install
 	$(BIN)/ruff check tianying tests benchmarks
