@@ -416,3 +416,18 @@ def test_cli_quantize_rtn_and_gptq(tiny_ckpt, tmp_path, capsys) -> None:
     assert "bits=3 is not supported" in capsys.readouterr().err
     assert main(["quantize", str(src), str(tmp_path / "bad"), "--method", "gptq"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_load_dispatch_for_llm_load(tiny_ckpt, tmp_path) -> None:
+    from tianying.quantize import load, save_quantized
+
+    src, model, cfg = tiny_ckpt
+    m, _ = load(src, quantize="int4-g32")
+    assert isinstance(m.model.layers[1].mlp.up_proj, QuantLinear)
+    m, _ = load(src)
+    assert isinstance(m.model.layers[1].mlp.up_proj, nn.Linear)
+    save_quantized(quantize_model(model, bits=8), cfg, tmp_path / "q8", tokenizer_dir=src)
+    m, _ = load(tmp_path / "q8")
+    assert m.model.layers[0].self_attn.q_proj.spec == QuantSpec(8, -1, True)
+    with pytest.raises(QuantizeError, match="already quantized"):
+        load(tmp_path / "q8", quantize="int4")

@@ -20,7 +20,7 @@ from tianying.quantize.linear import (
 __all__ = [
     "QuantizeError", "QuantLinear", "QuantSpec", "parse_spec", "quantize_model", "quantized_layers",
     "apply_quantization", "is_quantized_checkpoint", "load_quantized", "save_quantized", "load_offloaded",
-    "parse_memory",
+    "parse_memory", "load",
 ]
 
 
@@ -33,6 +33,24 @@ def apply_quantization(model, spec):  # noqa: ANN001, ANN201 - thin hook; typed 
     if s is None:
         return model
     return quantize_model(model, bits=s.bits, group_size=s.group_size, sym=s.sym)
+
+
+def load(path, device="cpu", dtype=None, quantize=None, memory_limit=None):  # noqa: ANN001, ANN201
+    """(model, cfg) for `LLM.load`: a GPTQ checkpoint as such, else load_model → quantize, or a memory budget."""
+    from tianying.quantize import format as _format
+
+    if memory_limit is not None:
+        from tianying.quantize.offload import load_with_memory_limit
+
+        return load_with_memory_limit(path, memory_limit, device=device, dtype=dtype, quantize=quantize)
+    if _format.is_quantized_checkpoint(path):
+        if quantize is not None:
+            raise QuantizeError(f"{path} is already quantized; drop quantize={quantize!r}")
+        return _format.load_quantized(path, device=device, dtype=dtype)
+    from tianying.checkpoint import load_model
+
+    model, cfg = load_model(path, device=device, dtype=dtype)
+    return apply_quantization(model, quantize), cfg
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy re-exports keep `import tianying.quantize` light

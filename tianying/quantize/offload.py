@@ -253,6 +253,11 @@ def load_with_memory_limit(path: str | Path, memory_limit: int | str, device: st
         raise QuantizeError("memory_limit streams disk → CPU; CPU → GPU streaming is not implemented yet")
     limit = parse_memory(memory_limit)
     path = Path(path)
+    from tianying.quantize.format import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(path):
+        raise QuantizeError(f"{path} is a GPTQ checkpoint; memory_limit streams float checkpoints only (for now): "
+                            "pass the float checkpoint with quantize='int8'/'int4' instead")
     cfg = load_config(path)
     files = weight_files(path)
     if any(f.suffix != ".safetensors" for f in files):

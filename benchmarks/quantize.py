@@ -1,0 +1,200 @@
+"""Quantization benchmark: fp32 / bf16 / int8 / int4 (RTN and GPTQ) on one checkpoint.
+
+For each variant: checkpoint size on disk, peak resident memory of the process (prefill of --prompt tokens
+then decoding), decode tokens/s at batch 1 and 8, and held-out perplexity on the corpus' *.valid text.
+Each variant runs in its own subprocess so that peak RSS (VmHWM) is its own. Prints a table, then one
+JSON line.
+
+    python benchmarks/quantize.py --checkpoint ./demo-model            # a trained HF checkpoint
+    python benchmarks/quantize.py                                       # random `demo` weights (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "corpus"
+VARIANTS = ["fp32", "bf16", "int8", "int4-rtn", "int4-gptq"]
+
+
+def _rss(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _texts(path: Path, limit_chars: int) -> list[str]:
+    out, n = [], 0
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            t = json.loads(line)
+            t = t if isinstance(t, str) else t.get("text", "")
+            out.append(t)
+            n += len(t)
+            if n >= limit_chars:
+                break
+    return out
+
+
+def _token_stream(tok, files: list[Path], n_tokens: int) -> torch.Tensor:  # noqa: ANN001
+    ids: list[int] = []
+    for f in files:
+        for t in _texts(f, n_tokens * 8):
+            ids += tok.encode(t) + ([tok.eos_id] if tok.eos_id is not None else [])
+            if len(ids) >= n_tokens * (files.index(f) + 1) // len(files):
+                break
+    return torch.tensor(ids[:n_tokens])
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int) -> float:  # noqa: ANN001
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, window):
+        x = ids[s:s + window + 1][None]
+        if x.shape[1] < 2:
+            break
+        logits = model(x[:, :-1]).float()
+        nll += float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
+        count += x.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def decode_rate(model, cfg, batch: int, prompt: int, new: int, dtype: torch.dtype) -> float:  # noqa: ANN001
+    from tianying.model import KVCache
+
+    cache = KVCache(cfg, batch, prompt + new + 1, dtype, "cpu")
+    x = torch.randint(3, cfg.vocab_size, (batch, prompt))
+    tok = model(x, cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    t = time.perf_counter()
+    for _ in range(new):
+        tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    return batch * new / (time.perf_counter() - t)
+
+
+def build_variant(args: argparse.Namespace, variant: str, out: Path) -> Path:
+    """Write the variant's checkpoint (fp32/bf16 via save_hf, int via the quantize verb's code)."""
+    from tianying.checkpoint import load_model, save_hf
+    from tianying.quantize import quantize_model
+    from tianying.quantize.format import save_quantized
+
+    model, cfg = load_model(args.checkpoint, dtype=torch.float32)
+    if args.group_size is None:  # the largest standard group that tiles every width (demo: 688 → 16)
+        widths = {cfg.hidden_size, cfg.intermediate_size, cfg.n_head * cfg.head_dim}
+        args.group_size = next(g for g in (128, 64, 32, 16, 8) if all(w % g == 0 for w in widths))
+    if variant in ("fp32", "bf16"):
+        save_hf(model, cfg, out, tokenizer_dir=args.checkpoint, dtype=torch.float32 if variant == "fp32" else
+                torch.bfloat16)
+        return out
+    if variant == "int4-gptq":
+        from tianying.cli.quantize import calibration_samples
+        from tianying.quantize.gptq import gptq_quantize
+        from tianying.tokenizer import Tokenizer
+
+        samples = calibration_samples(str(args.calibration), Tokenizer.from_dir(args.checkpoint), args.samples,
+                                      args.seq_len)
+        gptq_quantize(model, samples, bits=4, group_size=args.group_size, act_order=True, progress=False)
+    else:
+        quantize_model(model, bits=8 if variant == "int8" else 4,
+                       group_size=None if variant == "int8" else args.group_size)
+    model.to(torch.float16)
+    save_quantized(model, cfg, out, tokenizer_dir=args.checkpoint, method="gptq" if "gptq" in variant else "rtn")
+    return out
+
+
+def run_variant(args: argparse.Namespace, variant: str, path: Path) -> dict:
+    """In this (fresh) process: load, measure peak RSS, decode speed and perplexity."""
+    from tianying.checkpoint import load_model
+    from tianying.quantize import is_quantized_checkpoint, load_quantized
+    from tianying.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
+    base = _rss("VmRSS:")
+    if is_quantized_checkpoint(path):
+        model, cfg = load_quantized(path, dtype=dtype)
+    else:
+        model, cfg = load_model(path, dtype=dtype)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    # peak for a long prefill and a decode
+    decode_rate(model, cfg, 1, args.prompt, 4, dtype)
+    peak = _rss("VmHWM:") - base
+    rates = {b: decode_rate(model, cfg, b, 16, args.decode, dtype) for b in (1, 8)}
+    tok = Tokenizer.from_dir(path)
+    ids = _token_stream(tok, args.valid, args.ppl_tokens)
+    ppl = perplexity(model, ids, args.window)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    return {"variant": variant, "ckpt_bytes": size, "weight_bytes": weights, "peak_rss_bytes": peak,
+            "tok_s_b1": rates[1], "tok_s_b8": rates[8], "ppl": ppl, "ppl_tokens": len(ids)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="HF checkpoint with tokenizer (default: random demo)")
+    ap.add_argument("--valid", type=Path, nargs="+", default=[CORPUS / "en.valid.jsonl.gz",
+                                                              CORPUS / "zh.valid.jsonl.gz"])
+    ap.add_argument("--calibration", type=Path, default=CORPUS / "tiny.jsonl")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--group-size", type=int, default=None, help="int4 group (default: largest of 128/64/32/16 "
+                                                                  "dividing every width)")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=512, help="prefill length for the peak-memory probe")
+    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per rate measurement")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--_child", nargs=2, metavar=("VARIANT", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print(json.dumps(run_variant(args, args._child[0], Path(args._child[1]))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.checkpoint is None:  # random demo weights and the demo tokenizer: a smoke run
+            from tianying.checkpoint import save_hf
+            from tianying.config import Config
+            from tianying.model import build_model
+
+            cfg = Config.from_name("demo")
+            args.checkpoint = tmp / "demo-random"
+            save_hf(build_model(cfg, seed=0), cfg, args.checkpoint,
+                    tokenizer_dir=ROOT / "tianying" / "assets" / "demo-tokenizer")
+        rows = []
+        for v in args.variants:
+            path = build_variant(args, v, tmp / v)
+            cmd = [sys.executable, __file__, "--_child", v, str(path), "--threads", str(args.threads),
+                   "--ppl-tokens", str(args.ppl_tokens), "--window", str(args.window), "--prompt", str(args.prompt),
+                   "--decode", str(args.decode), "--valid", *map(str, args.valid)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                sys.exit(f"{v} failed:\n{out.stderr}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ref = rows[0]["ppl"]
+    print(f"checkpoint: {args.checkpoint}  int4 group: {args.group_size}  threads: {args.threads}  "
+          f"ppl on {rows[0]['ppl_tokens']} held-out tokens")
+    print(f"{'variant':<10} {'ckpt MiB':>9} {'weights MiB':>11} {'peak MiB':>9} {'tok/s b1':>9} {'tok/s b8':>9} "
+          f"{'ppl':>9} {'Δppl':>7}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['ckpt_bytes'] / 2**20:9.1f} {r['weight_bytes'] / 2**20:11.1f} "
+              f"{r['peak_rss_bytes'] / 2**20:9.1f} {r['tok_s_b1']:9.1f} {r['tok_s_b8']:9.1f} {r['ppl']:9.3f} "
+              f"{100 * (r['ppl'] / ref - 1):+6.2f}%")
+    print(json.dumps({"benchmark": "quantize", "checkpoint": str(args.checkpoint), "threads": args.threads,
+                      "group_size": args.group_size, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
