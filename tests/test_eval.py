@@ -395,3 +395,22 @@ def test_tianying_eval_reports_user_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["eval", str(tiny_checkpoint), "--tasks", "mmlu", "--data-dir", str(tmp_path)]) == 2
     assert "mmlu_test.jsonl" in capsys.readouterr().err
     assert main(["eval", "--tasks", "ceval", "--sample-data"]) == 2
+
+
+def test_lm_eval_adapter_scores_like_the_naive_forward(tiny_checkpoint):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from tianying.eval.lm_eval_adapter import TianyingLM
+
+    lm = TianyingLM(pretrained=str(tiny_checkpoint), batch_size=4)
+    reqs = [Instance("loglikelihood", {}, ("问题：1+1=?\n答案：", c), i) for i, c in enumerate(["A", "B", "二十"])]
+    reqs.append(Instance("loglikelihood", {}, ("Question: x\nAnswer: ", "yes"), 3))  # trailing space moves over
+    out = lm.loglikelihood(reqs)
+    for r, (score, _) in zip(reqs, out):
+        ctx, cont = lm._pair(*r.args)
+        assert score == pytest.approx(naive_loglikelihood(lm.lm.model, ctx, cont), abs=1e-4)
+    assert lm._pair("Answer: ", "yes")[1] == lm.lm.encode(" yes")
+    (roll,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("床前明月光",), 0)])
+    ids = lm.lm.encode("床前明月光")
+    assert roll == pytest.approx(naive_loglikelihood(lm.lm.model, [lm.lm.eos_id], ids), abs=1e-4)
