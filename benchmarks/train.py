@@ -90,10 +90,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB; ru_maxrss where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak_rss() -> None:
+    """Forget the peak left by importing torch, so the peak we read is the training's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def memory_worker(args) -> None:
     """Child process: peak memory of a few training steps of one model at one precision."""
     device = args.device
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _rss_kib("VmRSS")
+    _reset_peak_rss()
     model, cfg = build(args.impl, args.size, device=device)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     step = make_step(args.impl, model, ids, args.precision, device)
@@ -105,7 +127,7 @@ def memory_worker(args) -> None:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB on Linux
+        peak = (_rss_kib("VmHWM") - rss0) / 1024
     print(json.dumps({"peak_mib": round(peak, 1)}))
 
 
