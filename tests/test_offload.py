@@ -85,7 +85,7 @@ def test_memory_limited_generation_equals_unlimited_and_stays_under_budget(ckpt,
     from tianying.quantize.offload import parse_memory
 
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(ckpt), LIMIT, str(Path(__file__).parent),
-                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert "memory plan (limit 22.0 MiB)" in out.stderr and "slower" in out.stderr
@@ -125,6 +125,6 @@ def test_memory_limit_with_quantization_matches_quantize_on_load(ckpt) -> None:
     ref, _ = load_model(ckpt)
     apply_quantization(ref, "int8")
     prompt = torch.arange(3, 19)[None]
-    a, ids_a = greedy(model, cfg, prompt, 6)
-    b, ids_b = greedy(ref, cfg, prompt, 6)
+    a, ids_a = greedy(model, cfg, prompt, 3)
+    b, ids_b = greedy(ref, cfg, prompt, 3)
     assert torch.equal(a, b) and ids_a == ids_b
