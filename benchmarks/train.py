@@ -191,14 +191,16 @@ def main() -> None:
                 best[impl] = max(best[impl], tokens * steps / (time.perf_counter() - t0))
         del runs
         amp = {"bf16": torch.bfloat16}.get(precision, torch.float32)
-        peak = peak_flops(torch.device(args.device), amp)
+        peak = peak_flops(torch.device(args.device), amp) if args.device != "cpu" else 0.0
         n_no_embed = cfg.n_params - cfg.vocab_size * cfg.hidden_size
         fpt = flops_per_token(n_no_embed, cfg.n_layer, cfg.hidden_size, args.seq)
         for impl in impls:
             mem = None if args.no_memory or impl == "tianying+compile" else peak_memory(args, impl, precision)
             results.append({"impl": impl, "precision": precision, "tokens_per_sec": round(best[impl], 1),
                             "speedup_vs_transformers": round(best[impl] / best["transformers"], 3),
-                            "mfu": round(best[impl] * fpt / peak, 4), "peak_mib": mem})
+                            # a CPU has no trustworthy peak (bf16 is emulated on many): MFU on GPUs only
+                            "mfu": round(best[impl] * fpt / peak, 4) if args.device != "cpu" else None,
+                            "peak_mib": mem})
     hdr = f"{'impl':<18} {'precision':<9} {'tokens/s':>10} {'vs HF':>7} {'MFU':>7} {'peak MiB':>9}"
     print(f"\nmodel {args.size} ({cfg.n_params / 1e6:.1f}M params), batch {args.batch} × seq {args.seq}, "
           f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -206,8 +208,9 @@ def main() -> None:
     print("-" * len(hdr))
     for r in results:
         mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "-"
         print(f"{r['impl']:<18} {r['precision']:<9} {r['tokens_per_sec']:>10.1f} {r['speedup_vs_transformers']:>6.2f}x "
-              f"{r['mfu']:>7.2%} {mem:>9}")
+              f"{mfu:>7} {mem:>9}")
     import transformers
 
     print(json.dumps({"benchmark": "train", "model": args.size, "params": cfg.n_params, "batch": args.batch,
