@@ -175,12 +175,33 @@ class Transformer(nn.Module):
         t = self._rope_table
         if t is None or t[0] < need or t[1] != device or t[2] != dtype:
             n = max(need, cfg.max_position_embeddings)
-            cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta,
-                                    scaling, cfg.max_position_embeddings, seq_len=n, dtype=dtype)
+            with torch.inference_mode(False):  # a table built while generating must still serve training
+                cos, sin = rope_cos_sin(torch.arange(n, device=device), cfg.head_dim, cfg.rope_theta,
+                                        scaling, cfg.max_position_embeddings, seq_len=n, dtype=dtype)
             t = self._rope_table = (n, device, dtype, cos, sin)
         if positions is None:
             return t[3][None, start:start + T], t[4][None, start:start + T]
         return t[3][positions], t[4][positions]
+
+    # ------------------------------------------------------------------ decode layout
+    def _use_decode_layout(self) -> None:
+        """Stores an fp32 CPU LM head column-major, once, when generation starts.
+
+        A decode step multiplies one activation row by each weight (a GEMV), and for W [out, in] with out ≫ in
+        MKL streams Wᵀ-contiguous storage much faster than row-major. Measured on this 2-core AVX2 machine
+        (loaded): LM head 100008×256 2.8 → 8.2 GB/s, 100008×768 4.4 → 9.1 GB/s; the head is 89% of the bytes
+        a "tiny" step reads. bf16 loses (2.2 → 0.5 GB/s) and so stays. MLP gate/up would gain less
+        (2048×768: 4.1 → 5.6) and are left alone: layer weights may be views that other code manages (offloaded
+        layers stream through shared slots). Values, shape and name stay (state_dict, load_state_dict and
+        optimizers are unaffected); only the strides differ, and with them the summation order (~1e-6).
+        """
+        head = self.lm_head
+        w = head.weight
+        if (self.training or type(head) is not nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32
+                or w.stride(1) != 1 or w._base is not None):
+            return
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, so training may follow
+            w.data = w.data.t().contiguous().t()
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
@@ -200,6 +221,8 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
         device = input_ids.device
+        if cache is not None:  # generating
+            self._use_decode_layout()
 
         # key validity: which of the (cached + new) positions are real tokens
         valid = None
