@@ -47,6 +47,11 @@ class Config:
     initializer_range: float = 0.02
     chat_template: str | None = None  # name in tianying.templates; stored with the checkpoint
     torch_dtype: str | None = None  # dtype the weights were saved in ("float16", "bfloat16", ...)
+    # long-context switches (issue 8), off by default; not in Aquila's code, never set by a released checkpoint
+    logn_attention: bool = False  # q × log(p)/log(L) for 1-based positions p > L (tianying.rope.logn_scale)
+    logn_length: int | None = None  # L for LogN; None → max_position_embeddings (the training length)
+    attention_window: int | None = None  # W: a query sees only the last W positions (itself included)
+    attention_sinks: int = 0  # S: the first S positions stay visible to every query (with a window)
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept for round-trip
 
     def __post_init__(self) -> None:
@@ -58,6 +63,12 @@ class Config:
             raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ConfigError(f"attention_window must be ≥ 1 or null, got {self.attention_window}")
+        if self.attention_sinks < 0 or (self.attention_sinks and self.attention_window is None):
+            raise ConfigError(f"attention_sinks={self.attention_sinks} needs an attention_window and must be ≥ 0")
+        if self.logn_length is not None and self.logn_length < 2:
+            raise ConfigError(f"logn_length must be ≥ 2 (it is the base of a logarithm), got {self.logn_length}")
 
     @property
     def head_dim(self) -> int:
@@ -134,9 +145,11 @@ class Config:
                 initializer_range=float(raw.get("initializer_range", 0.02)),
                 chat_template=raw.get("tianying_chat_template"),
                 torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+                **{k: raw[k] for k in _LONG_CONTEXT_KEYS if raw.get(k) is not None},
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        _restore_ntk(cfg, raw.pop("tianying_rope_scaling", None), raw)
         if isinstance(cfg["eos_token_id"], list):
             cfg["eos_token_id"] = cfg["eos_token_id"][0]
         known = {
@@ -144,6 +157,7 @@ class Config:
             "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
             "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tianying_chat_template",
             "torch_dtype", "dtype", "model_type", "architectures", "tie_word_embeddings", "rope_parameters",
+            *_LONG_CONTEXT_KEYS,
         }
         cfg["extra"] = {k: v for k, v in raw.items() if k not in known}
         return cls(**_fix_special_ids(cfg))
@@ -202,6 +216,17 @@ class Config:
         }
         for k in ("auto_map",):  # remote-code pointers would make transformers look for files we do not write
             out.pop(k, None)
+        if self.rope_scaling and self.rope_scaling["type"] == "ntk":
+            # transformers has no static-NTK kind, but static NTK is plain RoPE with a larger base: write that
+            # base, so transformers computes the same logits, and keep the intent for Config.from_hf to restore
+            from tianying.rope import ntk_base
+
+            out["rope_theta"] = ntk_base(self.rope_theta, self.rope_scaling["factor"], self.head_dim)
+            out["rope_scaling"] = None
+            out["tianying_rope_scaling"] = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        for k in _LONG_CONTEXT_KEYS:  # written only when switched on: released configs stay byte-identical
+            if getattr(self, k):
+                out[k] = getattr(self, k)
         if self.torch_dtype:
             out["torch_dtype"] = self.torch_dtype
         if self.chat_template:
@@ -225,6 +250,31 @@ class Config:
             "pad_token_id": self.pad_token_id,
             **({"tianying_chat_template": self.chat_template} if self.chat_template else {}),
         }
+
+
+_LONG_CONTEXT_KEYS = ("logn_attention", "logn_length", "attention_window", "attention_sinks")
+
+
+def _restore_ntk(cfg: dict, saved: dict | None, raw: dict) -> None:
+    """Undo `to_hf`'s static-NTK folding (rope_theta = b·f^(D/(D−2))) when rope_theta still says so.
+
+    If another tool rewrote rope_theta or set its own rope_scaling, its values win and the note is dropped.
+    """
+    rs = cfg.get("rope_scaling")
+    if not isinstance(saved, dict) or (rs is not None and rs.get("rope_type", rs.get("type")) not in (None, "default")):
+        return
+    from tianying.rope import ntk_base
+
+    try:
+        base, factor = float(saved["rope_theta"]), float(saved["factor"])
+        head_dim = int(raw.get("head_dim") or cfg["hidden_size"] // cfg["n_head"])
+    except (KeyError, TypeError, ValueError):
+        return
+    if math.isclose(ntk_base(base, factor, head_dim), cfg["rope_theta"], rel_tol=1e-9):
+        cfg["rope_theta"] = base
+        cfg["rope_scaling"] = {k: v for k, v in saved.items() if k != "rope_theta"}
+    else:
+        warnings.warn("config.json's tianying_rope_scaling does not match its rope_theta; ignoring it", stacklevel=3)
 
 
 def ffn_width(dim: int, multiple_of: int = 256) -> int:

@@ -125,16 +125,44 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, (None if bool(mask.all()) else mask)
 
 
+def prefill(model, ids: torch.Tensor, cache, positions: torch.Tensor | None = None,
+            pad_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Runs the prompt [B, T] into `cache` in chunks of `chunk` tokens; returns the last position's logits [B, V].
+
+    With a window cache a chunk attends to at most S + W + chunk keys, so peak memory is flat in T.
+    """
+    T = ids.shape[1]
+    chunk = chunk or T
+    logits = None
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        logits = model(ids[:, a:b], cache=cache, positions=None if positions is None else positions[:, a:b],
+                       pad_mask=None if pad_mask is None else pad_mask[:, a:b], last_only=True)
+    return logits[:, -1]
+
+
+def make_cache(model, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    """A KVCache for max_len positions, or a fixed-size WindowKVCache when the config sets attention_window."""
+    from tianying.model import KVCache, WindowKVCache
+
+    cfg = model.config
+    if getattr(cfg, "attention_window", None):
+        return WindowKVCache(cfg, batch_size, cfg.attention_window, cfg.attention_sinks, dtype, device)
+    return KVCache(cfg, batch_size, max_len, dtype, device)
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0,
-                    device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+                    device: torch.device | str | None = None,
+                    prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, [B] on CPU, until all rows hit a stop id or max_new_tokens.
 
     Rows that finished keep receiving `pad_id` (as transformers does) so the batch stays rectangular; the
     caller reads per-row completion from the stop ids. Left padding + per-row positions make a batched
-    row compute exactly what it would alone.
+    row compute exactly what it would alone. A config with `attention_window` decodes with a ring-buffer cache
+    and prefills in chunks of `prefill_chunk` (default max(W, 256)) tokens; without a window the prompt goes
+    in one forward unless `prefill_chunk` is given.
     """
-    from tianying.model import KVCache
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token")
@@ -148,7 +176,13 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float32
-    cache = KVCache(cfg, B, T + params.max_new_tokens, dtype, device)
+    cache = make_cache(model, B, T + params.max_new_tokens, dtype, device)
+    window = getattr(cfg, "attention_window", None)
+    if window and pad_mask is not None and cfg.attention_sinks:
+        raise GenerationError("attention sinks are the first cache columns, which left padding fills with pads: "
+                              "generate rows of different lengths one at a time")
+    if window and prefill_chunk is None:
+        prefill_chunk = max(window, 256)
 
     positions = None
     if pad_mask is not None:
@@ -164,7 +198,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     some_finished = False  # a Python flag, so an ordinary step spends no tensor ops on bookkeeping
 
-    logits = model(ids, cache=cache, positions=positions, pad_mask=pad_mask, last_only=True)[:, -1]
+    if prefill_chunk and prefill_chunk < T:
+        logits = prefill(model, ids, cache, positions, pad_mask, prefill_chunk)
+    else:
+        logits = model(ids, cache=cache, positions=positions, pad_mask=pad_mask, last_only=True)[:, -1]
     for step in range(params.max_new_tokens):
         processed = process_logits(logits.float(), params, seen, step)
         nxt = sample(processed, params, generator)

@@ -7,6 +7,9 @@ Aquila / Aquila2 is a LLaMA-shaped decoder (seed-spec §1.1):
 - grouped-query attention (n_kv_head ≤ n_head; KV heads shared by consecutive query heads) via SDPA
 - SwiGLU MLP: down(silu(gate(x)) · up(x))
 - no biases anywhere; untied input embedding and LM head; no embedding scaling
+- long-context switches, all off by default (issue 8; not in Aquila's code): RoPE scaling kinds (tianying.rope),
+  LogN query scaling beyond the training length, sliding-window attention with optional sink tokens and a
+  ring-buffer `WindowKVCache` whose memory stays flat however long generation runs
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) so a
 transformers state dict loads with no renaming. Generation uses a preallocated `KVCache`.
@@ -22,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tianying.config import Config
-from tianying.rope import apply_rope, rope_cos_sin
+from tianying.rope import apply_rope, logn_scale, rope_cos_sin
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa arrived in 2.5
 
@@ -71,6 +74,85 @@ class KVCache:
         self.valid = None
 
 
+class WindowKVCache:
+    """Keys/values for sliding-window attention: S sink slots, then a ring of W slots; memory never grows.
+
+    Position j (0-based, counted over the whole sequence including left padding) lives in slot j if j < S,
+    else in slot S + (j − S) mod W, so the ring always holds the W most recent non-sink positions: exactly the
+    keys a window-W query can still see. Keys are cached after RoPE, so a slot's order does not matter.
+    A one-token step writes first and then attends to every filled slot (no mask); a chunk of T > 1 tokens
+    attends to [filled slots, its own keys] under an explicit mask and then writes its last entries, so a
+    chunk may be longer than the window. Same protocol as KVCache (`pos`, `max_len`, `valid`, `update`).
+    """
+
+    def __init__(self, cfg: Config, batch_size: int, window: int, sinks: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        self.window, self.sinks, self.capacity = int(window), int(sinks), int(window) + int(sinks)
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.capacity, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        self.valid: torch.Tensor | None = None  # [B, capacity] per slot, once any padding was seen
+        self.max_len = 2**62  # no length limit: that is the point
+        self.pos = 0
+        self._plan: tuple | None = None
+
+    def slot(self, j: torch.Tensor) -> torch.Tensor:
+        """Slot of absolute positions `j`."""
+        S = self.sinks
+        return torch.where(j < S, j, S + (j - S) % self.window)
+
+    def held_positions(self, n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Absolute positions in slots 0 … filled−1 after `n` (default `pos`) tokens."""
+        n = self.pos if n is None else n
+        S, W = self.sinks, self.window
+        sinks = torch.arange(min(n, S), device=device)
+        m = max(n - S, 0)  # non-sink tokens seen
+        r = torch.arange(min(m, W), device=device)
+        return torch.cat([sinks, S + r + W * torch.div(m - 1 - r, W, rounding_mode="floor")])
+
+    def prepare(self, T: int, device: torch.device) -> torch.Tensor:
+        """Plans the writes of the next T tokens; returns the absolute positions of the keys `update` returns."""
+        start = self.pos
+        new = torch.arange(start, start + T, device=device)
+        slots = self.slot(new)
+        keep = torch.zeros(T, dtype=torch.bool, device=device)
+        if T == 1:
+            keep[0] = True
+        else:  # only the last write to each slot survives
+            last = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+            last.scatter_reduce_(0, slots, torch.arange(T, device=device), reduce="amax")
+            keep[last[last >= 0]] = True
+        self._plan = (T, slots[keep], keep.nonzero().flatten())
+        if T == 1:
+            return self.held_positions(start + 1, device)
+        return torch.cat([self.held_positions(start, device), new])
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, n_kv_head, T, D] → the keys/values to attend to, in `prepare`'s order."""
+        T, slots, idx = self._plan
+        kc, vc = self._layers[layer]
+        if T == 1:
+            s = int(slots[0])
+            kc.narrow(2, s, 1).copy_(k)
+            vc.narrow(2, s, 1).copy_(v)
+            n = min(self.pos + 1, self.capacity)
+            return kc.narrow(2, 0, n), vc.narrow(2, 0, n)
+        n = min(self.pos, self.capacity)
+        k_all = torch.cat([kc.narrow(2, 0, n), k], dim=2)
+        v_all = torch.cat([vc.narrow(2, 0, n), v], dim=2)
+        kc.index_copy_(2, slots, k.index_select(2, idx))
+        vc.index_copy_(2, slots, v.index_select(2, idx))
+        return k_all, v_all
+
+    def memory_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.valid = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer_idx: int) -> None:
         super().__init__()
@@ -82,12 +164,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+                is_causal: bool, cache: KVCache | None, qscale: torch.Tensor | None = None) -> torch.Tensor:
+        """`qscale` [B or 1, 1, T, 1] multiplies the rotated queries (LogN scaling); None leaves them."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if qscale is not None:
+            q = q * qscale
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.n_kv_head != self.n_head:
@@ -121,8 +206,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+    def forward(self, x, cos, sin, mask, is_causal, cache, qscale=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, qscale)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,12 +244,12 @@ class Transformer(nn.Module):
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B or 1, T, D] for `positions` [B, T], or for start + arange(T) when positions is None.
 
-        Unscaled and linear RoPE read a table built once per device/dtype; the common case (no positions
+        Every kind but dynamic reads a table built once per device/dtype; the common case (no positions
         given, as in every unpadded decode step) is a slice of it, with no per-step index arithmetic.
         """
         cfg = self.config
         scaling = cfg.rope_scaling
-        if scaling and scaling["type"] not in ("linear",):
+        if scaling and scaling["type"] == "dynamic":
             # length-dependent variants are recomputed per forward, as transformers does
             if positions is None:
                 positions = torch.arange(start, start + T, device=device)[None]
@@ -223,6 +308,14 @@ class Transformer(nn.Module):
         device = input_ids.device
         if cache is not None:  # generating
             self._use_decode_layout()
+        cfg = self.config
+        qscale = None
+        if cfg.logn_attention:
+            pos = positions if positions is not None else torch.arange(start, start + T, device=device)[None]
+            qscale = logn_scale(pos, cfg.logn_length or cfg.max_position_embeddings)[:, None, :, None]
+        if cfg.attention_window:
+            mask, is_causal = self._window_mask(cache, pad_mask, start, T, device)
+            return self._run(input_ids, mask, is_causal, cache, positions, start, T, qscale, last_only)
 
         # key validity: which of the (cached + new) positions are real tokens
         valid = None
@@ -248,18 +341,76 @@ class Transformer(nn.Module):
                 # a padded query may see nothing; letting it see itself avoids NaN rows (its output is unused)
                 mask = (mask & valid[:, None, None, :]) | (k_idx == q_idx)[None, None]
 
+        return self._run(input_ids, mask, is_causal, cache, positions, start, T, qscale, last_only)
+
+    def _run(self, input_ids: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None,
+             positions: torch.Tensor | None, start: int, T: int, qscale: torch.Tensor | None,
+             last_only: bool) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, start, T, x.dtype, device)
+        cos, sin = self.rope(positions, start, T, x.dtype, input_ids.device)
+        if qscale is not None:
+            qscale = qscale.to(x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, qscale, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, cache)
+                x = layer(x, cos, sin, mask, is_causal, cache, qscale)
         if cache is not None:
             cache.pos += T
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def _window_mask(self, cache: KVCache | WindowKVCache | None, pad_mask: torch.Tensor | None, start: int,
+                     T: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """Sliding-window mask [B or 1, 1, T, keys]: key j is visible to query i iff j ≤ i and (j > i − W or j < S).
+
+        i, j are absolute sequence indices (cache columns), so with left padding the window counts pad
+        columns too; they are invalid keys, and a row's window of real tokens is the same as unpadded.
+        """
+        cfg = self.config
+        W, S = cfg.attention_window, cfg.attention_sinks
+        q_idx = torch.arange(start, start + T, device=device)
+        ring = isinstance(cache, WindowKVCache)
+        if ring:
+            if (cache.window, cache.sinks) != (W, S):
+                raise ValueError(f"WindowKVCache(window={cache.window}, sinks={cache.sinks}) does not match the "
+                                 f"config's attention_window={W}, attention_sinks={S}")
+            k_idx = cache.prepare(T, device)
+        else:
+            k_idx = torch.arange(start + T, device=device)
+        valid = None
+        if cache is not None:
+            if pad_mask is not None and cache.valid is None:
+                cache.valid = torch.ones(pad_mask.shape[0], cache.capacity if ring else cache.max_len,
+                                         dtype=torch.bool, device=device)
+            if cache.valid is not None:
+                new = True if pad_mask is None else pad_mask
+                if ring:
+                    slots = cache.slot(q_idx)
+                    held = min(start, cache.capacity)
+                    if T == 1:
+                        cache.valid[:, slots] = new
+                        valid = cache.valid[:, :min(start + 1, cache.capacity)]
+                    else:
+                        chunk = torch.ones(cache.valid.shape[0], T, dtype=torch.bool, device=device)
+                        chunk[:] = new
+                        valid = torch.cat([cache.valid[:, :held], chunk], dim=1)
+                        _, kept_slots, kept = cache._plan
+                        cache.valid[:, kept_slots] = chunk[:, kept]
+                else:
+                    cache.valid[:, start:start + T] = new
+                    valid = cache.valid[:, :start + T]
+        elif pad_mask is not None:
+            valid = pad_mask
+        if ring and T == 1 and valid is None:
+            return None, False  # every held key is in the window
+        q, k = q_idx[:, None], k_idx[None, :]
+        mask = (k <= q) & ((k > q - W) | (k < S))
+        mask = mask[None, None]
+        if valid is not None:
+            mask = (mask & valid[:, None, None, :]) | (k == q)[None, None]
+        return mask, False
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
