@@ -255,3 +255,40 @@ def test_config_round_trip_and_released_configs_unchanged(tmp_path):
     save_hf(model, cfg, tmp_path / "ck")
     _, cfg2 = load_model(tmp_path / "ck")
     assert (cfg2.rope_scaling, cfg2.logn_attention, cfg2.attention_window) == (cfg.rope_scaling, True, 64)
+
+
+def test_finetune_extends_context_and_transformers_loads_it(tmp_path):
+    """The seed's PI + SFT recipe at toy scale: a base trained at L = 16 finetuned at 48 with linear ×4."""
+    from pathlib import Path
+
+    from conftest import randomize_
+    from transformers import LlamaForCausalLM
+
+    from tianying.config import ConfigError
+    from tianying.recipes.finetune import FinetuneConfig, run_finetune
+
+    tok = Path(__file__).parent / "data" / "tokenizer"
+    cfg = Config.from_name("test-mha", vocab_size=3008, hidden_size=32, intermediate_size=64, bos_token_id=3006,
+                           eos_token_id=3007, pad_token_id=0, chat_template="aquila-v1", max_position_embeddings=16)
+    model = build_model(cfg, seed=0)
+    randomize_(model)
+    save_hf(model, cfg, tmp_path / "base", tokenizer_dir=tok)
+    conv = [{"from": "human", "value": "say it"}, {"from": "gpt", "value": "the red cat drinks tea under the moon"}]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"id": str(i), "conversations": conv, "instruction": ""} for i in range(4)]))
+    kw = dict(checkpoint=str(tmp_path / "base"), data=str(data), out_dir=str(tmp_path / "ft"), method="full",
+              seq_length=48, batch_size=2, max_steps=2, save_interval=2, tensorboard=False, progress=False,
+              plot=False)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        run_finetune(FinetuneConfig(**kw), log=lambda *a: None)
+    scaling = {"type": "linear", "factor": 4.0}
+    run_finetune(FinetuneConfig(**kw, model_args={"rope_scaling": scaling, "max_position_embeddings": 64}),
+                 log=lambda *a: None)
+    final = tmp_path / "ft" / "final"
+    ours, cfg2 = load_model(final)
+    assert cfg2.rope_scaling["factor"] == 4.0 and cfg2.max_position_embeddings == 64
+    ref = LlamaForCausalLM.from_pretrained(final).eval()
+    assert ref.config.rope_parameters["rope_type"] == "linear" and ref.config.rope_parameters["factor"] == 4.0
+    ids = torch.randint(0, 3000, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(input_ids=ids).logits, atol=TOL, rtol=0)

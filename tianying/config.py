@@ -253,6 +253,17 @@ class Config:
 
 
 _LONG_CONTEXT_KEYS = ("logn_attention", "logn_length", "attention_window", "attention_sinks")
+# fields a training run may change on an existing checkpoint: they change what positions mean, not any shape
+CONTEXT_FIELDS = ("rope_scaling", "rope_theta", "max_position_embeddings", *_LONG_CONTEXT_KEYS)
+
+
+def with_context_settings(cfg: Config, changes: dict) -> Config:
+    """`cfg` with long-context settings changed (e.g. PI: rope_scaling linear ×4 and a 4× longer
+    max_position_embeddings); anything else in `changes` would change weight shapes and is refused."""
+    bad = sorted(set(changes) - set(CONTEXT_FIELDS))
+    if bad:
+        raise ConfigError(f"model_args {bad} cannot change on an existing checkpoint; allowed: {', '.join(CONTEXT_FIELDS)}")
+    return cfg.replace(**changes) if changes else cfg
 
 
 def _restore_ntk(cfg: dict, saved: dict | None, raw: dict) -> None:

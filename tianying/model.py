@@ -447,6 +447,12 @@ def _skip_default_init():
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+def set_config(model: Transformer, cfg: Config) -> None:
+    """Gives a built model new position settings (RoPE scaling, LogN, window): the cached rotary table goes."""
+    model.config = cfg
+    model._rope_table = None
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

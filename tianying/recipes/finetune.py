@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tianying.config import Config, ConfigError
+from tianying.config import Config, ConfigError, with_context_settings
 from tianying.train.loop import StepBatches, TrainConfig, TrainResult, flops_per_token, train
 
 METHODS = ("full", "lora", "qlora")
@@ -47,6 +47,9 @@ class FinetuneConfig(TrainConfig):
     lora_target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                               "gate_proj", "up_proj", "down_proj"])
     nf4_blocksize: int = 64
+    # long-context settings for the model being trained (config.CONTEXT_FIELDS), e.g. the seed's PI + SFT:
+    # {rope_scaling: {type: linear, factor: 4}, max_position_embeddings: 8192} with seq_length 8192
+    model_args: dict = field(default_factory=dict)
     lr: float = 2.0e-4
     warm_up: float = 0.1
     epochs: int = 3
@@ -215,7 +218,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> Finetu
         path = Path(cfg.checkpoint)
         if not path.is_dir():
             raise ConfigError(f"checkpoint {path} is not a directory")
-        mcfg = ckpt.load_config(path)
+        mcfg = with_context_settings(ckpt.load_config(path), cfg.model_args)
         tok = Tokenizer.from_dir(path)
         if cfg.seq_length > mcfg.max_position_embeddings:
             raise ConfigError(f"seq_length {cfg.seq_length} exceeds the model's max_position_embeddings "
@@ -272,9 +275,12 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> Finetu
 def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, template: str):  # noqa: ANN202
     """(model, config, trainable names or None, save callback, load callback) for the method."""
     from tianying import checkpoint as ckpt
+    from tianying.model import set_config
 
     if cfg.method == "full":
         model, mcfg = ckpt.load_model(path, device=device, dtype=torch.float32)
+        mcfg = with_context_settings(mcfg, cfg.model_args)
+        set_config(model, mcfg)
         model.train()
         return (model, mcfg, None,
                 lambda sd, d: ckpt.save_hf(sd, mcfg, d, tokenizer_dir=path),
@@ -284,7 +290,11 @@ def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, templa
 
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     model, mcfg = ckpt.load_model(path, device=device, dtype=base_dtype)
+    mcfg = with_context_settings(mcfg, cfg.model_args)
+    set_config(model, mcfg)
     meta = {"method": cfg.method, "template": template, "base_checkpoint": str(path)}
+    if cfg.model_args:  # the adapter alone cannot carry them: merge-lora / loading must re-apply these
+        meta["model_args"] = cfg.model_args
     if cfg.method == "qlora":
         from tianying.nf4 import NF4_DEFAULT_MODULES, quantize_model_nf4
 

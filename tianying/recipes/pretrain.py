@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 
-from tianying.config import Config, ConfigError
+from tianying.config import Config, ConfigError, with_context_settings
 from tianying.train.loop import StepBatches, TrainConfig, TrainResult, collate_packed, flops_per_token, train
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = "demo"  # named config, config.json, or checkpoint directory to continue from
-    model_args: dict = field(default_factory=dict)  # Config field overrides for a fresh model (e.g. n_layer)
+    # Config field overrides: any for a fresh model (e.g. n_layer); for a checkpoint being continued only the
+    # long-context ones (config.CONTEXT_FIELDS: rope_scaling, max_position_embeddings, logn_attention, ...)
+    model_args: dict = field(default_factory=dict)
     tokenizer: str | None = None  # directory; copied into every checkpoint
     data: Any = None  # index prefix, "0.7 A 0.3 B", or [[0.7, A], [0.3, B]]
     valid_data: Any = None  # held-out prefixes; default: the `split` tail of each training prefix
@@ -34,13 +36,13 @@ def resolve_model(spec: str, model_args: dict, tokenizer, seed: int,
                   device: torch.device) -> tuple[torch.nn.Module, Config]:
     """(fp32 model, config) for a named config, a config.json, or a checkpoint directory."""
     from tianying import checkpoint as ckpt
-    from tianying.model import build_model
+    from tianying.model import build_model, set_config
 
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file() and _has_weights(path):
-        if model_args:
-            raise ConfigError("model_args cannot change the shape of a checkpoint being continued")
         model, cfg = ckpt.load_model(path, device=device, dtype=torch.float32)
+        cfg = with_context_settings(cfg, model_args)
+        set_config(model, cfg)
         model.train()
         return model, cfg
     if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
