@@ -130,3 +130,17 @@ def test_dtype_bf16_loads(ckpt):
     llm = LLM.load(ckpt, dtype="bf16")
     assert next(llm.model.parameters()).dtype == torch.bfloat16
     assert isinstance(llm.generate("x", max_new_tokens=3), str)
+
+
+def test_llm_load_quantize_and_quantized_checkpoint(ckpt, tmp_path):
+    from tianying.api import LLM
+    from tianying.quantize import QuantLinear
+
+    llm = LLM.load(ckpt, quantize="int8")
+    assert any(isinstance(m, QuantLinear) for m in llm.model.modules())
+    text = llm.generate("Hello", max_new_tokens=6, stop_token_ids=[])
+    out = tmp_path / "q8"
+    assert main(["quantize", str(ckpt), str(out), "--bits", "8"]) == 0
+    again = LLM.load(out)  # recognised as a GPTQ-format checkpoint without being told
+    assert any(isinstance(m, QuantLinear) for m in again.model.modules())
+    assert again.generate("Hello", max_new_tokens=6, stop_token_ids=[]) == text

@@ -51,8 +51,10 @@ class LLM:
             raise TianyingError(f"checkpoint directory {path} does not exist")
         if not path.is_dir():
             raise TianyingError(f"{path} is not a checkpoint directory")
+        from tianying.quantize.format import is_quantized_checkpoint
+
         extras = {k: v for k, v in dict(lora=lora, quantize=quantize, memory_limit=memory_limit).items() if v}
-        if extras:
+        if extras or is_quantized_checkpoint(path):
             model, config = _load_with_extras(path, device, dtype, **extras)
         else:
             model, config = load_model(path, device=device, dtype=dtype)
@@ -164,6 +166,10 @@ class LLM:
         if tail:
             yield tail
 
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id()
+
     def _pad_id(self) -> int:
         pad = self.config.pad_token_id
         return 0 if pad is None else int(pad)
@@ -183,30 +189,13 @@ def _default_template(config: Config, path: Path | None) -> str:
 
 
 def _load_with_extras(path: Path, device, dtype, lora=None, quantize=None, memory_limit=None):
-    """Adapters, quantization and memory budgets are provided by their own modules (later floors)."""
-    from tianying.checkpoint import load_model
+    """Quantization and memory budgets live in tianying.quantize, adapters in tianying.lora (later floors)."""
+    from tianying.quantize import load as load_quantized_or_budgeted
 
-    if memory_limit is not None:
-        try:
-            from tianying.quantize.offload import load_with_memory_limit
-        except ImportError as e:
-            raise TianyingError(f"memory_limit is not available in this build ({e})") from None
-        model, config = load_with_memory_limit(path, memory_limit, device=device, dtype=dtype, quantize=quantize)
-    else:
-        model, config = load_model(path, device=device, dtype=dtype)
-        if quantize:
-            try:
-                from tianying.quantize import quantize_model
-            except ImportError as e:
-                raise TianyingError(f"quantize is not available in this build ({e})") from None
-            bits = {"int8": 8, "int4": 4}.get(str(quantize).lower())
-            if bits is None:
-                raise TianyingError(f"quantize must be 'int8' or 'int4', got {quantize!r}")
-            quantize_model(model, bits=bits)
+    model, config = load_quantized_or_budgeted(path, device=device, dtype=dtype, quantize=quantize,
+                                               memory_limit=memory_limit)
     if lora is not None:
-        try:
-            from tianying.lora import apply_adapter
-        except ImportError as e:
-            raise TianyingError(f"lora adapters are not available in this build ({e})") from None
+        from tianying.lora import apply_adapter
+
         apply_adapter(model, lora)
     return model, config
