@@ -204,7 +204,7 @@ class Config:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,  # transformers edits it
             "attention_bias": False,
             "mlp_bias": False,
             "tie_word_embeddings": False,

@@ -111,9 +111,13 @@ class WindowKVCache:
         r = torch.arange(min(m, W), device=device)
         return torch.cat([sinks, S + r + W * torch.div(m - 1 - r, W, rounding_mode="floor")])
 
-    def prepare(self, T: int, device: torch.device) -> torch.Tensor:
+    def prepare(self, T: int, device: torch.device, key_positions: bool = True) -> torch.Tensor | None:
         """Plans the writes of the next T tokens; returns the absolute positions of the keys `update` returns."""
         start = self.pos
+        if T == 1 and not key_positions:  # the common decode step: plain ints, no tensor ops
+            S = self.sinks
+            self._plan = (1, start if start < S else S + (start - S) % self.window, None)
+            return None
         new = torch.arange(start, start + T, device=device)
         slots = self.slot(new)
         keep = torch.zeros(T, dtype=torch.bool, device=device)
@@ -133,7 +137,7 @@ class WindowKVCache:
         T, slots, idx = self._plan
         kc, vc = self._layers[layer]
         if T == 1:
-            s = int(slots[0])
+            s = slots if isinstance(slots, int) else int(slots[0])
             kc.narrow(2, s, 1).copy_(k)
             vc.narrow(2, s, 1).copy_(v)
             n = min(self.pos + 1, self.capacity)
@@ -376,6 +380,9 @@ class Transformer(nn.Module):
             if (cache.window, cache.sinks) != (W, S):
                 raise ValueError(f"WindowKVCache(window={cache.window}, sinks={cache.sinks}) does not match the "
                                  f"config's attention_window={W}, attention_sinks={S}")
+            if T == 1 and pad_mask is None and cache.valid is None:
+                cache.prepare(1, device, key_positions=False)
+                return None, False  # every held key is in the window
             k_idx = cache.prepare(T, device)
         else:
             k_idx = torch.arange(start + T, device=device)
@@ -403,8 +410,6 @@ class Transformer(nn.Module):
                     valid = cache.valid[:, :start + T]
         elif pad_mask is not None:
             valid = pad_mask
-        if ring and T == 1 and valid is None:
-            return None, False  # every held key is in the window
         q, k = q_idx[:, None], k_idx[None, :]
         mask = (k <= q) & ((k > q - W) | (k < S))
         mask = mask[None, None]
