@@ -15,8 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# The bundled demo models (models/README.md): a base model completes text, the chat-tuned one chats.
 demo: install
-	$(BIN)/python -m tianying.demo
+	@echo "== tianying generate models/demo (base model, greedy)"
+	$(BIN)/tianying generate models/demo --prompt "床前明月光，" --max-new-tokens 40
+	$(BIN)/tianying generate models/demo --prompt "The Lord is my shepherd" --max-new-tokens 40
+	$(BIN)/tianying generate models/demo --prompt "def fibonacci(n):" --max-new-tokens 40
+	@echo "== tianying chat models/demo-chat (one reply per line)"
+	printf '你好\n请把这句话翻译成英文：打开文件\nWhat is the next line of 白日依山尽?\n' | \
+	  $(BIN)/tianying chat models/demo-chat --max-new-tokens 48 --no-history
 
 test: install browser
 	$(BIN)/python -m pytest
