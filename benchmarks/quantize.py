@@ -1,12 +1,13 @@
 """Quantization benchmark: fp32 / bf16 / int8 / int4 (RTN and GPTQ) on one checkpoint.
 
-For each variant: checkpoint size on disk, peak resident memory of the process (prefill of --prompt tokens
-then decoding), decode tokens/s at batch 1 and 8, and held-out perplexity on the corpus' *.valid text.
-Each variant runs in its own subprocess so that peak RSS (VmHWM) is its own. Prints a table, then one
-JSON line.
+For each variant: checkpoint size on disk, peak resident memory of the process (above its state after
+imports) for encoding --prompt tokens and generating --generate more, decode tokens/s at batch 1 and 8,
+and held-out perplexity on the corpus' *.valid text. Each variant runs in its own subprocess so that peak
+RSS (VmHWM) is its own. Prints a table, then one JSON line. `-head` variants quantize the LM head too
+(RTN; off by default as in AutoGPTQ), which on a 100k vocabulary is the largest matrix a decode step reads.
 
     python benchmarks/quantize.py --checkpoint ./demo-model            # a trained HF checkpoint
-    python benchmarks/quantize.py                                       # random `demo` weights (smoke run)
+    python benchmarks/quantize.py --config small --no-ppl               # random weights: size/memory/speed only
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus"
-VARIANTS = ["fp32", "bf16", "int8", "int4-rtn", "int4-gptq"]
+VARIANTS = ["fp32", "bf16", "int8", "int8-head", "int4-rtn", "int4-rtn-head", "int4-gptq"]
 
 
 def _rss(key: str) -> int:
@@ -91,9 +92,12 @@ def build_variant(args: argparse.Namespace, variant: str, out: Path) -> Path:
     from tianying.quantize.format import save_quantized
 
     model, cfg = load_model(args.checkpoint, dtype=torch.float32)
-    if args.group_size is None:  # the largest standard group that tiles every width (demo: 688 → 16)
-        widths = {cfg.hidden_size, cfg.intermediate_size, cfg.n_head * cfg.head_dim}
-        args.group_size = next(g for g in (128, 64, 32, 16, 8) if all(w % g == 0 for w in widths))
+    if args.group_size is None:  # the default with its fallback (demo: 688 → 16), as `tianying quantize`
+        from tianying.quantize.linear import resolve_group_size
+
+        widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        args.group_size = resolve_group_size(4, None, widths)
+    head = variant.endswith("-head")
     if variant in ("fp32", "bf16"):
         save_hf(model, cfg, out, tokenizer_dir=args.checkpoint, dtype=torch.float32 if variant == "fp32" else
                 torch.bfloat16)
@@ -105,10 +109,11 @@ def build_variant(args: argparse.Namespace, variant: str, out: Path) -> Path:
 
         samples = calibration_samples(str(args.calibration), Tokenizer.from_dir(args.checkpoint), args.samples,
                                       args.seq_len)
-        gptq_quantize(model, samples, bits=4, group_size=args.group_size, act_order=True, progress=False)
+        gptq_quantize(model, samples, bits=4, group_size=args.group_size, act_order=True, progress=False,
+                      lm_head=head)
     else:
-        quantize_model(model, bits=8 if variant == "int8" else 4,
-                       group_size=None if variant == "int8" else args.group_size)
+        int8 = variant.startswith("int8")
+        quantize_model(model, bits=8 if int8 else 4, group_size=None if int8 else args.group_size, lm_head=head)
     model.to(torch.float16)
     save_quantized(model, cfg, out, tokenizer_dir=args.checkpoint, method="gptq" if "gptq" in variant else "rtn")
     return out
@@ -128,21 +133,26 @@ def run_variant(args: argparse.Namespace, variant: str, path: Path) -> dict:
     else:
         model, cfg = load_model(path, dtype=dtype)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    # peak for a long prefill and a decode
-    decode_rate(model, cfg, 1, args.prompt, 4, dtype)
+    # peak for encoding --prompt tokens and generating --generate more
+    decode_rate(model, cfg, 1, args.prompt, args.generate, dtype)
     peak = _rss("VmHWM:") - base
     rates = {b: decode_rate(model, cfg, b, 16, args.decode, dtype) for b in (1, 8)}
-    tok = Tokenizer.from_dir(path)
-    ids = _token_stream(tok, args.valid, args.ppl_tokens)
-    ppl = perplexity(model, ids, args.window)
+    ppl, n_ppl = None, 0
+    if args.ppl_tokens:
+        ids = _token_stream(Tokenizer.from_dir(path), args.valid, args.ppl_tokens)
+        ppl, n_ppl = perplexity(model, ids, args.window), len(ids)
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
     return {"variant": variant, "ckpt_bytes": size, "weight_bytes": weights, "peak_rss_bytes": peak,
-            "tok_s_b1": rates[1], "tok_s_b8": rates[8], "ppl": ppl, "ppl_tokens": len(ids)}
+            "tok_s_b1": rates[1], "tok_s_b8": rates[8], "ppl": ppl, "ppl_tokens": n_ppl}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=None, help="HF checkpoint with tokenizer (default: random demo)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="HF checkpoint with tokenizer (default: random "
+                                                                   "weights of --config)")
+    ap.add_argument("--config", default="demo", help="named config for random weights (default demo; small = ~240M)")
+    ap.add_argument("--no-ppl", dest="ppl_tokens", action="store_const", const=0,
+                    help="skip perplexity (meaningless on random weights)")
     ap.add_argument("--valid", type=Path, nargs="+", default=[CORPUS / "en.valid.jsonl.gz",
                                                               CORPUS / "zh.valid.jsonl.gz"])
     ap.add_argument("--calibration", type=Path, default=CORPUS / "tiny.jsonl")
@@ -152,7 +162,8 @@ def main() -> None:
                                                                   "dividing every width)")
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--prompt", type=int, default=512, help="prefill length for the peak-memory probe")
+    ap.add_argument("--prompt", type=int, default=2048, help="tokens encoded for the peak-memory probe")
+    ap.add_argument("--generate", type=int, default=512, help="tokens then generated for the peak-memory probe")
     ap.add_argument("--decode", type=int, default=32, help="tokens decoded per rate measurement")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
@@ -169,8 +180,8 @@ def main() -> None:
             from tianying.config import Config
             from tianying.model import build_model
 
-            cfg = Config.from_name("demo")
-            args.checkpoint = tmp / "demo-random"
+            cfg = Config.from_name(args.config)
+            args.checkpoint = tmp / f"{args.config}-random"
             save_hf(build_model(cfg, seed=0), cfg, args.checkpoint,
                     tokenizer_dir=ROOT / "tianying" / "assets" / "demo-tokenizer")
         rows = []
@@ -178,6 +189,7 @@ def main() -> None:
             path = build_variant(args, v, tmp / v)
             cmd = [sys.executable, __file__, "--_child", v, str(path), "--threads", str(args.threads),
                    "--ppl-tokens", str(args.ppl_tokens), "--window", str(args.window), "--prompt", str(args.prompt),
+                   "--generate", str(args.generate),
                    "--decode", str(args.decode), "--valid", *map(str, args.valid)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode:
@@ -185,13 +197,13 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ref = rows[0]["ppl"]
     print(f"checkpoint: {args.checkpoint}  int4 group: {args.group_size}  threads: {args.threads}  "
-          f"ppl on {rows[0]['ppl_tokens']} held-out tokens")
-    print(f"{'variant':<10} {'ckpt MiB':>9} {'weights MiB':>11} {'peak MiB':>9} {'tok/s b1':>9} {'tok/s b8':>9} "
+          f"ppl on {rows[0]['ppl_tokens']} held-out tokens  peak: encode {args.prompt} + generate {args.generate}")
+    print(f"{'variant':<13} {'ckpt MiB':>9} {'weights MiB':>11} {'peak MiB':>9} {'tok/s b1':>9} {'tok/s b8':>9} "
           f"{'ppl':>9} {'Δppl':>7}")
     for r in rows:
-        print(f"{r['variant']:<10} {r['ckpt_bytes'] / 2**20:9.1f} {r['weight_bytes'] / 2**20:11.1f} "
-              f"{r['peak_rss_bytes'] / 2**20:9.1f} {r['tok_s_b1']:9.1f} {r['tok_s_b8']:9.1f} {r['ppl']:9.3f} "
-              f"{100 * (r['ppl'] / ref - 1):+6.2f}%")
+        print(f"{r['variant']:<13} {r['ckpt_bytes'] / 2**20:9.1f} {r['weight_bytes'] / 2**20:11.1f} "
+              f"{r['peak_rss_bytes'] / 2**20:9.1f} {r['tok_s_b1']:9.1f} {r['tok_s_b8']:9.1f} "
+              + (f"{r['ppl']:9.3f} {100 * (r['ppl'] / ref - 1):+6.2f}%" if ref else f"{'-':>9} {'-':>7}"))
     print(json.dumps({"benchmark": "quantize", "checkpoint": str(args.checkpoint), "threads": args.threads,
                       "group_size": args.group_size, "results": rows}))
 

@@ -19,9 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
     p.add_argument("--bits", type=int, default=4, help="8 or 4 (default: 4)")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
-                   help="input columns sharing one scale: 32, 64, 128 or -1 for per channel "
-                        "(default: 128 for 4 bits, -1 for 8 bits)")
+                   help="input columns sharing one scale: 32, 64, 128 or -1 for per channel (default: -1 for 8 "
+                        "bits; 128 for 4 bits, or with a warning the largest power of two below it dividing every "
+                        "layer's width, e.g. 16 for the demo model's FFN width 688)")
     p.add_argument("--asym", action="store_true", help="asymmetric (zero point per group) instead of symmetric")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too, by rounding (off by default as in AutoGPTQ: it costs quality, "
+                        "but on a 100k vocabulary it is the largest matrix and dominates decode speed)")
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="rtn (default) or gptq")
     p.add_argument("--calibration", metavar="FILE",
                    help="gptq: calibration text (.txt, or .jsonl[.gz] with a 'text' field per line)")
@@ -38,32 +42,33 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from tianying.checkpoint import load_model
-    from tianying.quantize import QuantizeError, QuantSpec
+    from tianying.quantize import QuantizeError, QuantSpec, quantized_layers
     from tianying.quantize.format import save_quantized
-    from tianying.quantize.linear import default_group_size, quantize_model
+    from tianying.quantize.linear import quantize_model
 
-    spec = QuantSpec(args.bits, default_group_size(args.bits) if args.group_size is None else args.group_size,
-                     not args.asym)
+    QuantSpec(args.bits, -1 if args.group_size is None else args.group_size, not args.asym)  # early checks
     if args.method == "gptq" and not args.calibration:
         raise QuantizeError("--method gptq needs --calibration FILE")
     if args.method == "rtn" and (args.calibration or args.act_order):
         raise QuantizeError("--calibration/--act-order only apply to --method gptq")
     model, cfg = load_model(args.checkpoint, device="cpu", dtype=torch.float32)
     if args.method == "rtn":
-        quantize_model(model, bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+        quantize_model(model, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                       lm_head=args.quantize_lm_head)
     else:
         from tianying.quantize.gptq import gptq_quantize
         from tianying.tokenizer import Tokenizer
 
         samples = calibration_samples(args.calibration, Tokenizer.from_dir(args.checkpoint), args.samples,
                                       args.seq_len, args.seed)
-        gptq_quantize(model, samples, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
-                      act_order=args.act_order, damp=args.damp)
+        gptq_quantize(model, samples, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                      act_order=args.act_order, damp=args.damp, lm_head=args.quantize_lm_head)
+    spec = next(iter(quantized_layers(model).values())).spec  # after any group-size fallback
     model.to(torch.float16)  # what GPTQ checkpoints store for the unquantized tensors
     out = save_quantized(model, cfg, args.out, tokenizer_dir=args.checkpoint, method=args.method,
                          damp_percent=args.damp)
     print(f"quantized {args.checkpoint} → {out} ({args.method}, {spec.bits} bits, group {spec.group_size}, "
-          f"{'sym' if spec.sym else 'asym'})")
+          f"{'sym' if spec.sym else 'asym'}{', LM head too' if args.quantize_lm_head else ''})")
     return 0
 
 

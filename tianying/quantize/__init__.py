@@ -12,27 +12,29 @@ from tianying.quantize.linear import (
     QuantizeError,
     QuantLinear,
     QuantSpec,
+    parse_options,
     parse_spec,
     quantize_model,
     quantized_layers,
 )
 
 __all__ = [
-    "QuantizeError", "QuantLinear", "QuantSpec", "parse_spec", "quantize_model", "quantized_layers",
+    "QuantizeError", "QuantLinear", "QuantSpec", "parse_spec", "parse_options", "quantize_model", "quantized_layers",
     "apply_quantization", "is_quantized_checkpoint", "load_quantized", "save_quantized", "load_offloaded",
     "parse_memory", "load",
 ]
 
 
 def apply_quantization(model, spec):  # noqa: ANN001, ANN201 - thin hook; typed in quantize_model
-    """Quantize `model` in place per `spec` ("int8", "int4", "int4-g64", "int4-g128-asym", dict, QuantSpec).
+    """Quantize `model` in place per `spec` ("int8", "int4", "int4-g64", "int4-g128-asym", "int8-head", dict,
+    QuantSpec; see `parse_options`).
 
     This is the hook `LLM.load(path, quantize=...)` calls; None leaves the model as it is.
     """
-    s = parse_spec(spec)
-    if s is None:
+    o = parse_options(spec)
+    if o is None:
         return model
-    return quantize_model(model, bits=s.bits, group_size=s.group_size, sym=s.sym)
+    return quantize_model(model, bits=o["bits"], group_size=o["group_size"], sym=o["sym"], lm_head=o["lm_head"])
 
 
 def load(path, device="cpu", dtype=None, quantize=None, memory_limit=None):  # noqa: ANN001, ANN201

@@ -26,9 +26,9 @@ from tianying.quantize.linear import (
     QuantizeError,
     QuantLinear,
     QuantSpec,
-    default_group_size,
     find_params,
     quantize_group,
+    resolve_group_size,
     set_submodule,
 )
 
@@ -117,17 +117,26 @@ class _Stop(Exception):
 @torch.no_grad()
 def gptq_quantize(model: nn.Module, samples: Sequence[torch.Tensor], bits: int = 4, group_size: int | None = None,
                   sym: bool = True, act_order: bool = False, damp: float = 0.01,
-                  skip: tuple[str, ...] = ("lm_head",), progress: bool = True) -> dict[str, float]:
+                  skip: tuple[str, ...] = ("lm_head",), progress: bool = True, lm_head: bool = False
+                  ) -> dict[str, float]:
     """GPTQ every linear in `model.model.layers` in place; returns {layer name: relative output error}.
 
     Args:
         samples: token-id tensors [T] or [1, T] (calibration text), run one at a time.
+        group_size: None → the default with fallback (`resolve_group_size`), counting the head if `lm_head`.
+        lm_head: also quantize the LM head, by rounding (its input Hessian would need a pass through every
+            block after quantization; rounding keeps GPTQ's cost per block).
     """
-    spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size, sym)
+    targets = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith("model.layers.") and not name.endswith(skip)}
+    head = getattr(model, "lm_head", None) if lm_head else None
+    widths = {n: m.in_features for n, m in targets.items()}
+    if isinstance(head, nn.Linear):
+        widths["lm_head"] = head.in_features
+    spec = QuantSpec(bits, resolve_group_size(bits, group_size, widths), sym)
     blocks = model.model.layers
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.startswith("model.layers.") and not name.endswith(skip):
-            spec.check(m.in_features, m.out_features, name)
+    for name, m in targets.items():
+        spec.check(m.in_features, m.out_features, name)
     if not samples:
         raise QuantizeError("GPTQ needs at least one calibration sample")
     device = next(model.parameters()).device
@@ -172,6 +181,9 @@ def gptq_quantize(model: nn.Module, samples: Sequence[torch.Tensor], bits: int =
         inputs = [(block(*args),) + tuple(args[1:]) for args in inputs]  # quantized block feeds the next
         bar.update(b, errors)
     bar.close()
+    if isinstance(head, nn.Linear):
+        spec.check(head.in_features, head.out_features, "lm_head")
+        model.lm_head = QuantLinear.from_linear(head, spec).to(device)
     return errors
 
 

@@ -18,9 +18,23 @@ Kernels, chosen at run time with a clean fallback to the reference path (dequant
 which runs on every device and dtype:
 - int8, symmetric or not, per channel, CPU: `aten._weight_int8pack_mm(x, q − 128, s)` computes x·(q'·s)ᵀ;
   the asymmetric offset s·(128 − z) adds a rank-one term Σx ⊗ s(128 − z).
-- int4, CPU, out_features % 32 == 0, group size 32/64/128/256: `aten._weight_int4pack_mm_for_cpu`
-  (tinygemm layout from `_convert_weight_to_int4pack_for_cpu`), which computes ŵ = s'(q − 8) + z'; ours
-  maps exactly with s' = s, z' = s(8 − z).
+- int4, CPU, group size 32/64/128/256: `aten._weight_int4pack_mm_for_cpu` (tinygemm layout from
+  `_convert_weight_to_int4pack_for_cpu`), which computes ŵ = s'(q − 8) + z'; ours maps exactly with s' = s,
+  z' = s(8 − z). The kernel wants out_features % 32 == 0; other widths (an LM head of 100,008 rows) are
+  padded with zero rows to the next multiple of 32 and the extra outputs dropped.
+
+Both kernels are only fast with bf16 activations on AVX2 CPUs (measured: 2048×768 int8 at batch 1,
+0.59 ms fp32 vs 0.09 ms bf16 incl. the conversion; at batch 512 2.5 s vs 0.13 s), so fp32/fp16 inputs are
+rounded to bf16 for the kernel and the output converted back (`QuantLinear.act_bf16`). That adds a bf16
+rounding of x (relative 2⁻⁹) on top of the weight error (int8 per channel: up to 2⁻⁸ of the row's max);
+`TIANYING_QUANT_BACKEND=reference` (or `act_bf16 = False`) keeps fp32 activations exactly.
+
+Group sizes. GPTQ-format files carry one group size for the whole model. `group_size=None` means "the
+default" (128 for int4): when it does not divide some layer's input width (the demo model's FFN width 688),
+`resolve_group_size` falls back, with a warning, to the largest power of two below it that divides every
+width (688 and 256 → 16; there is no fast kernel below 32, so such a model runs the reference path), and to
+per channel if none ≥ 8 does. A group size the caller asked for explicitly is never changed: a width it
+does not divide is an error naming the group that would work.
 """
 
 from __future__ import annotations
@@ -78,26 +92,74 @@ class QuantSpec:
                                 f"got {in_features}×{out_features}")
 
 
-def parse_spec(spec: str | dict | QuantSpec | None) -> QuantSpec | None:
-    """`"int8"`, `"int4"`, `"int4-g64"`, `"int4-g32-asym"`, a dict of QuantSpec fields, or a QuantSpec."""
-    if spec is None or isinstance(spec, QuantSpec):
-        return spec
+def parse_options(spec: str | dict | QuantSpec | None) -> dict | None:
+    """`"int8"`, `"int4"`, `"int4-g64"`, `"int4-g32-asym"`, `"int8-head"` (LM head too), a dict, or a QuantSpec.
+
+    → {bits, group_size (None: the default, which may fall back), sym, lm_head}, or None for no quantization.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, QuantSpec):
+        return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "lm_head": False}
     if isinstance(spec, dict):
         bits = int(spec.get("bits", 8))
-        return QuantSpec(bits, int(spec.get("group_size", -1 if bits == 8 else 128)), bool(spec.get("sym", True)))
+        g = spec.get("group_size")
+        return {"bits": bits, "group_size": None if g is None else int(g), "sym": bool(spec.get("sym", True)),
+                "lm_head": bool(spec.get("lm_head", False))}
     parts = str(spec).lower().split("-")
     if parts[0] not in ("int8", "int4"):
-        raise QuantizeError(f"unknown quantization {spec!r}; use int8, int4, int4-g64, int4-g128-asym, ...")
-    bits = int(parts[0][3:])
-    group, sym = (-1 if bits == 8 else 128), True
+        raise QuantizeError(f"unknown quantization {spec!r}; use int8, int4, int4-g64, int4-g128-asym, int8-head, ...")
+    out = {"bits": int(parts[0][3:]), "group_size": None, "sym": True, "lm_head": False}
     for p in parts[1:]:
         if p.startswith("g") and p[1:].isdigit():
-            group = int(p[1:])
+            out["group_size"] = int(p[1:])
         elif p in ("asym", "sym"):
-            sym = p == "sym"
+            out["sym"] = p == "sym"
+        elif p == "head":
+            out["lm_head"] = True
         else:
             raise QuantizeError(f"unknown quantization option {p!r} in {spec!r}")
-    return QuantSpec(bits, group, sym)
+    QuantSpec(out["bits"], -1 if out["group_size"] is None else out["group_size"], out["sym"])  # validate
+    return out
+
+
+def parse_spec(spec: str | dict | QuantSpec | None) -> QuantSpec | None:
+    """Like `parse_options`, as a QuantSpec with the default group filled in (before any fallback)."""
+    if spec is None or isinstance(spec, QuantSpec):
+        return spec
+    o = parse_options(spec)
+    return QuantSpec(o["bits"], default_group_size(o["bits"]) if o["group_size"] is None else o["group_size"],
+                     o["sym"])
+
+
+def resolve_group_size(bits: int, group_size: int | None, widths: dict[str, int]) -> int:
+    """The group size to use for layers with these input `widths` ({name: in_features}); see module docstring."""
+    QuantSpec(bits, -1 if group_size is None else group_size)  # bits and sign checks first
+    if group_size is not None:
+        for name, k in widths.items():
+            if group_size != -1 and k % group_size:
+                raise QuantizeError(f"{name}: group_size {group_size} does not divide in_features {k}; use "
+                                    f"{_fallback_group(group_size, widths.values())} (or leave it unset)")
+        return group_size
+    want = default_group_size(bits)
+    if want == -1 or all(k % want == 0 for k in widths.values()):
+        return want
+    g = _fallback_group(want, widths.values())
+    odd = sorted({k for k in widths.values() if k % want})
+    warnings.warn(f"int{bits}: default group size {want} does not divide input width(s) {odd}; using group size "
+                  f"{g}{' (per channel)' if g == -1 else ''} for every layer"
+                  + ("" if g in (32, 64, 128, 256, -1) else " (no fast int4 kernel for it: reference path)"),
+                  stacklevel=3)
+    return g
+
+
+def _fallback_group(want: int, widths) -> int:  # noqa: ANN001 - any iterable of ints
+    g = want
+    while g >= 8:
+        if all(k % g == 0 for k in widths):
+            return g
+        g //= 2
+    return -1
 
 
 # ---------------------------------------------------------------------------------------------- quantizer
@@ -235,6 +297,13 @@ class QuantLinear(nn.Module):
         self.backend = "auto"  # "auto" | "reference"
         self._fast: dict = {}  # per-dtype kernel operands (scales in the activation dtype, ...)
         self.cache_ops = True  # False when the buffers are refilled in place (streamed layers)
+        self.act_bf16 = True  # run fp32/fp16 activations through the kernels in bf16 (module docstring)
+
+    @property
+    def weight(self) -> None:
+        """There is no float weight; code that probes `module.weight` before checking the type (the decode
+        layout hook of `Transformer`, on a quantized LM head) reads None instead of failing."""
+        return None
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -282,7 +351,7 @@ class QuantLinear(nn.Module):
         if self.layout == "int8":
             return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
         if self.layout == "tinygemm_cpu":
-            return unpack_tinygemm_cpu(self.qweight)
+            return unpack_tinygemm_cpu(self.qweight)[:self.out_features]
         return unpack_nibbles(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -303,12 +372,15 @@ class QuantLinear(nn.Module):
             want = "tinygemm_cpu" if (dev == "cpu" and self._int4_cpu_ok()) else "nibble"
             if want != self.layout:
                 q = self.int_weight()
-                self.qweight = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-                                if want == "tinygemm_cpu" else pack_nibbles(q))
+                if want == "tinygemm_cpu":  # zero rows up to a multiple of 32 (their outputs are dropped)
+                    q = F.pad(q.to(torch.int32), (0, 0, 0, -self.out_features % 32), value=8)
+                    self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+                else:
+                    self.qweight = pack_nibbles(q)
                 self.layout = want
 
     def _int4_cpu_ok(self) -> bool:
-        return (self.backend != "reference" and _forced_backend() != "reference" and self.out_features % 32 == 0
+        return (self.backend != "reference" and _forced_backend() != "reference"
                 and self.spec.group_width(self.in_features) in (32, 64, 128, 256) and _probe("int4_cpu"))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
@@ -345,18 +417,23 @@ class QuantLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _forward_fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        ops = self._fast.get((path, x.dtype))
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_bf16 and dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        x2 = x2.contiguous()
+        ops = self._fast.get((path, x2.dtype))
         if ops is None:
             s = self.scales.float()  # [G, N]
             if path == "int8_cpu":
                 off = s[0] * (128.0 - self.zeros[0].float())
-                ops = (s[0].to(x.dtype), None if bool((self.zeros == 128).all()) else off.to(x.dtype))
-            else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z)
-                ops = (torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1).to(x.dtype).contiguous(),)
+                ops = (s[0].to(x2.dtype), None if bool((self.zeros == 128).all()) else off.to(x2.dtype))
+            else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z); padded rows get s = z' = 0
+                sz = torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1)
+                sz = F.pad(sz, (0, 0, 0, -self.out_features % 32))
+                ops = (sz.to(x2.dtype).contiguous(),)
             if self.cache_ops:
-                self._fast[(path, x.dtype)] = ops
+                self._fast[(path, x2.dtype)] = ops
         if path == "int8_cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, ops[0])
             if ops[1] is not None:
@@ -364,7 +441,9 @@ class QuantLinear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.spec.group_width(self.in_features),
                                                            ops[0])
-        return y.reshape(*shape[:-1], self.out_features)
+            if y.shape[-1] != self.out_features:
+                y = y[:, :self.out_features]
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
 
 # ---------------------------------------------------------------------------------------------- model-level
@@ -373,14 +452,20 @@ def default_group_size(bits: int) -> int:
 
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = None, sym: bool = True,
-                   skip: tuple[str, ...] = ("lm_head",), backend: str = "auto") -> nn.Module:
+                   skip: tuple[str, ...] | None = None, backend: str = "auto", lm_head: bool = False) -> nn.Module:
     """Replace every `nn.Linear` (except names ending in `skip`) by a RTN `QuantLinear`, in place.
 
+    The LM head stays in floating point unless `lm_head` (AutoGPTQ's default too: it costs the most
+    quality per byte), although on a 100k vocabulary it is the largest matrix a decode step reads.
+    `group_size=None` is the default with fallback (see `resolve_group_size`).
     Layers are swapped one at a time and each float weight is released as soon as its replacement exists,
     so peak memory is the model plus one layer, never two models. Returns the same `model` object.
     """
-    spec = QuantSpec(bits, default_group_size(bits) if group_size is None else group_size, sym)
+    if skip is None:
+        skip = () if lm_head else ("lm_head",)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(skip)]
+    group_size = resolve_group_size(bits, group_size, {n: m.in_features for n, m in targets})
+    spec = QuantSpec(bits, group_size, sym)
     for name, lin in targets:  # validate every shape before touching anything
         spec.check(lin.in_features, lin.out_features, name)
     for name, lin in targets:
