@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+SAMPLE ?= --max-new-tokens 40 --temperature 0.8 --top-p 0.9 --repetition-penalty 1.3 --seed 1
 
 .PHONY: install demo test browser lint bench clean
 
@@ -17,13 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 # The bundled demo models (models/README.md): a base model completes text, the chat-tuned one chats.
 demo: install
-	@echo "== tianying generate models/demo (base model, greedy)"
-	$(BIN)/tianying generate models/demo --prompt "床前明月光，" --max-new-tokens 40
-	$(BIN)/tianying generate models/demo --prompt "The Lord is my shepherd" --max-new-tokens 40
-	$(BIN)/tianying generate models/demo --prompt "def fibonacci(n):" --max-new-tokens 40
+	@echo "== tianying generate models/demo (base model; sampled, seeded)"
+	$(BIN)/tianying generate models/demo --prompt "床前明月光，" $(SAMPLE)
+	$(BIN)/tianying generate models/demo --prompt "The Lord is my shepherd" $(SAMPLE)
+	$(BIN)/tianying generate models/demo --prompt "def fibonacci(n):" $(SAMPLE)
 	@echo "== tianying chat models/demo-chat (one reply per line)"
 	printf '你好\n请把这句话翻译成英文：打开文件\nWhat is the next line of 白日依山尽?\n' | \
-	  $(BIN)/tianying chat models/demo-chat --max-new-tokens 48 --no-history
+	  $(BIN)/tianying chat models/demo-chat --no-history $(SAMPLE)
 
 test: install browser
 	$(BIN)/python -m pytest
