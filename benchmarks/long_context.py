@@ -218,9 +218,10 @@ def plot(ppl: dict[str, dict[int, float]], lengths: list[int], native: int, path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, vals in ppl.items():
-        ax.plot(lengths, [vals[n] for n in lengths], marker="o", linestyle="--" if "logn" in name else "-",
-                label=name)
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, vals) in enumerate(ppl.items()):
+        style = "--" if "logn" in name else ":" if "window" in name else "-"
+        ax.plot(lengths, [vals[n] for n in lengths], marker="o", linestyle=style, color=colors[i % 20], label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(lengths, [f"{n // native}L={n}" for n in lengths])
