@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="HF checkpoint with tokenizer (default: random "
                                                                    "weights of --config)")
     ap.add_argument("--config", default="demo", help="named config for random weights (default demo; small = ~240M)")
-    ap.add_argument("--no-ppl", dest="ppl_tokens", action="store_const", const=0,
+    ap.add_argument("--no-ppl", dest="ppl_tokens", action="store_const", const=0, default=8192,
                     help="skip perplexity (meaningless on random weights)")
     ap.add_argument("--valid", type=Path, nargs="+", default=[CORPUS / "en.valid.jsonl.gz",
                                                               CORPUS / "zh.valid.jsonl.gz"])

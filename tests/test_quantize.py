@@ -494,3 +494,10 @@ def test_quantized_lm_head_round_trips_and_decodes(tiny_ckpt, tmp_path) -> None:
         back(ids[:, :-1], cache=cache)
         step = back(ids[:, -1:], cache=cache)  # the decode path (layout hook) with a quantized head
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-2, atol=1e-2)
+
+
+def test_model_to_dtype_keeps_fp16_scales() -> None:
+    m = QuantLinear.from_linear(_linear(), QuantSpec(4, 32, True))
+    s = m.scales.clone()
+    m.to(torch.bfloat16)
+    assert m.scales.dtype == torch.float16 and torch.equal(m.scales, s)

@@ -56,12 +56,17 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def unpack_int32(w: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Inverse of `pack_int32`: int32 → int16 values in [0, 2^bits) (unpacked along `dim`)."""
+    """Inverse of `pack_int32`: int32 → int16 values in [0, 2^bits) (unpacked along `dim`).
+
+    One shift at a time in int32 (an arithmetic shift is fine: the mask keeps only the field's bits), so
+    that reading a 100k-row LM head does not build 8-byte intermediates of the whole matrix.
+    """
     pack = 32 // bits
-    w = w.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(pack, dtype=torch.int64) * bits
-    vals = (w[..., None] >> shifts) & ((1 << bits) - 1)
-    return vals.reshape(*w.shape[:-1], -1).to(torch.int16).movedim(-1, dim).contiguous()
+    w = w.to(torch.int32).movedim(dim, -1)
+    vals = torch.empty(*w.shape, pack, dtype=torch.int16)
+    for i in range(pack):
+        vals[..., i] = (w >> (i * bits)) & ((1 << bits) - 1)
+    return vals.reshape(*w.shape[:-1], -1).movedim(-1, dim).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- layer ↔ tensors

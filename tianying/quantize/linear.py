@@ -384,7 +384,11 @@ class QuantLinear(nn.Module):
                 and self.spec.group_width(self.in_features) in (32, 64, 128, 256) and _probe("int4_cpu"))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        """`.to(device)` moves the buffers; `.to(dtype)` must not round the fp16 scales (to bf16: 3 bits fewer)."""
+        scales = self.scales
         out = super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = scales.to(device=self.scales.device)
         if self.qweight.device.type != "meta":
             self.prepare()
         return out
