@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tianying.checkpoint import CheckpointError
+from tianying.checkpoint import CheckpointError, _fsync_dir
 from tianying.train.distributed import DistInfo, barrier
 
 STATE_FILE = "trainer_state.pt"
@@ -89,19 +89,6 @@ def _fsync_tree(path: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def clean_partial(out_dir: str | Path) -> None:
