@@ -244,3 +244,30 @@ def test_nf4_linear_forward_backward_use_the_dequantized_weight():
     assert quantize_model_nf4(m) == ["q_proj"] and isinstance(m.q_proj, NF4Linear)
     assert dequantize_model_nf4(m) == ["q_proj"]
     torch.testing.assert_close(m.q_proj.weight, w)
+
+
+def test_lora_dropout_path_matches_reference_and_keeps_no_fp32_copy():
+    """The training path (dropout mask saved as bool, dropped input recomputed in backward) gives the same output
+    and gradients as nn.Dropout → lora_A → lora_B with that mask, and saves no extra full-size fp32 tensor."""
+    from tianying.lora import _LoRADropout
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    a_w = torch.randn(4, 16, requires_grad=True)
+    b_w = torch.randn(8, 4, requires_grad=True)
+    keep = torch.rand(3, 5, 16) > 0.3
+    out = _LoRADropout.apply(x, a_w, b_w, keep, 1 / 0.7, 2.0)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a_w, b_w), g)
+    ref_out = ((x * keep / 0.7) @ a_w.t() @ b_w.t()) * 2.0
+    ref = torch.autograd.grad(ref_out, (x, a_w, b_w), g)
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+    layer = LoRALinear(nn.Linear(16, 8, bias=False).requires_grad_(False), r=4, alpha=8, dropout=0.1).train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum()
+    fp32_full = [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape and t is not x]
+    assert not fp32_full, "the dropped input is kept for backward (LoRA would keep more activations than full)"
