@@ -21,6 +21,7 @@ from tianying.model import KVCache, build_model
 CFG = dict(vocab_size=512, hidden_size=256, n_layer=16, n_head=4, n_kv_head=4, intermediate_size=1024,
            max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
 LIMIT = "22MiB"
+SEED = 2  # weights whose 4-token greedy decode is not a constant
 # 8 layers × ~170 KiB int8 + 0.5 MiB embeddings/head (fp32): a 1.3 MiB limit streams most layers
 SMALL = dict(CFG, hidden_size=128, n_layer=8, intermediate_size=256)
 
@@ -42,10 +43,11 @@ def _save(path, **cfg_kw):  # noqa: ANN001, ANN202
 
     cfg = Config(name="offload-test", **cfg_kw)
     model = build_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(SEED)  # not the global RNG: other test files must not change the weights
     with torch.no_grad():  # unit-scale weights so that greedy decoding is not a constant
         for p in model.parameters():
             if p.ndim == 2:
-                p.normal_(0, p.shape[1] ** -0.5 if "embed" not in str(p.shape) else 1.0)
+                p.normal_(0, p.shape[1] ** -0.5 if "embed" not in str(p.shape) else 1.0, generator=g)
     save_hf(model, cfg, path)
     return path
 
