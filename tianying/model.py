@@ -285,9 +285,10 @@ class Transformer(nn.Module):
         optimizers are unaffected); only the strides differ, and with them the summation order (~1e-6).
         """
         head = self.lm_head
+        if self.training or type(head) is not nn.Linear:  # a swapped head (quantized, LoRA) has its own layout
+            return
         w = head.weight
-        if (self.training or type(head) is not nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32
-                or w.stride(1) != 1 or w._base is not None):
+        if w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(1) != 1 or w._base is not None:
             return
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, so training may follow
             w.data = w.data.t().contiguous().t()
