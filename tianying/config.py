@@ -262,7 +262,8 @@ def with_context_settings(cfg: Config, changes: dict) -> Config:
     max_position_embeddings); anything else in `changes` would change weight shapes and is refused."""
     bad = sorted(set(changes) - set(CONTEXT_FIELDS))
     if bad:
-        raise ConfigError(f"model_args {bad} cannot change on an existing checkpoint; allowed: {', '.join(CONTEXT_FIELDS)}")
+        allowed = ", ".join(CONTEXT_FIELDS)
+        raise ConfigError(f"model_args {bad} cannot change on an existing checkpoint; allowed: {allowed}")
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -318,7 +319,8 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     for k, v in pairs:
         if k in seen and seen[k] != v:
             if k == "model_type":  # AquilaChat-7B has "AquilaChat" then "llama": harmless, both mean LLaMA
-                warnings.warn(f"config.json has duplicate key {k!r} ({seen[k]!r}, {v!r}); using {v!r}")
+                warnings.warn(f"config.json has duplicate key {k!r} ({seen[k]!r}, {v!r}); using {v!r}",
+                              stacklevel=2)
             else:
                 raise ConfigError(
                     f"config.json has the key {k!r} twice with different values ({seen[k]!r} and {v!r}); "
@@ -335,7 +337,7 @@ def _fix_special_ids(cfg: dict) -> dict:
             if cfg.get("bos_token_id") == 1 or cfg.get("eos_token_id") == 2:
                 warnings.warn(
                     "config.json has LLaMA's placeholder bos/eos ids (1, 2), which are '!' and '\"' in the "
-                    f"Aquila vocabulary; using [CLS]={AQUILA_BOS} and </s>={AQUILA_EOS}"
+                    f"Aquila vocabulary; using [CLS]={AQUILA_BOS} and </s>={AQUILA_EOS}", stacklevel=2
                 )
             cfg["bos_token_id"], cfg["eos_token_id"] = AQUILA_BOS, AQUILA_EOS
     return cfg
