@@ -134,7 +134,7 @@ def test_stop_matcher_holds_back_partial_stop():
 
 # ------------------------------------------------------------------------------------------ vs transformers
 def hf_twin(cfg, model):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the reference (dev dependency): missing it must fail, not skip
     hcfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items()
                                        if k not in ("architectures", "model_type")})
     hf = transformers.LlamaForCausalLM(hcfg).eval()

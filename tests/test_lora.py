@@ -52,7 +52,7 @@ def test_lora_at_init_equals_base_and_only_lora_trains(tiny_hf_checkpoint, token
 
 
 def test_our_adapter_loads_in_peft_with_the_same_logits(tiny_hf_checkpoint, token_ids, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # the reference (dev dependency): missing it must fail, not skip
     from conftest import build_reference
 
     ckpt = tiny_hf_checkpoint("test-gqa")
@@ -78,7 +78,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tiny_hf_checkpoint, toke
 
 
 def test_peft_written_adapter_loads_in_ours(tiny_hf_checkpoint, token_ids, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft  # the reference (dev dependency): missing it must fail, not skip
     from conftest import build_reference
 
     ckpt = tiny_hf_checkpoint("test-mha")

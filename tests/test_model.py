@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+import transformers  # the reference; a dev dependency, so a missing one fails loudly
 
 from tianying.config import Config
 from tianying.model import KVCache, build_model, causal_lm_loss
 from tianying.rope import half_to_interleaved, interleaved_to_half
-
-transformers = pytest.importorskip("transformers")
 
 
 def twin(cfg, seed=0):

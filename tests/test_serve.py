@@ -13,18 +13,17 @@ import threading
 import time
 from pathlib import Path
 
+import fastapi  # noqa: F401 - dev dependencies: a missing one must fail, not skip the serving tests
+import httpx
+import openai
 import pytest
 import torch
+import uvicorn
 
-pytest.importorskip("fastapi", reason="serving needs fastapi (pip install fastapi uvicorn)")
-uvicorn = pytest.importorskip("uvicorn", reason="serving needs uvicorn (pip install fastapi uvicorn)")
-httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
-openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install openai)")
-
-from tianying.config import Config  # noqa: E402
-from tianying.model import build_model  # noqa: E402
-from tianying.serve.app import create_app  # noqa: E402
-from tianying.serve.batcher import Batcher, Request  # noqa: E402
+from tianying.config import Config
+from tianying.model import build_model
+from tianying.serve.app import create_app
+from tianying.serve.batcher import Batcher, Request
 
 FIXTURE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
 KEY = "sk-test-key"

@@ -12,14 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import fastapi  # noqa: F401 - dev dependencies; only a missing browser skips this test
 import pytest
+import selenium  # noqa: F401
+import uvicorn
 
 from tianying.config import Config
 from tianying.model import build_model
-
-pytest.importorskip("fastapi", reason="serving needs fastapi (pip install fastapi uvicorn)")
-uvicorn = pytest.importorskip("uvicorn", reason="serving needs uvicorn (pip install fastapi uvicorn)")
-pytest.importorskip("selenium", reason="the browser test needs selenium (pip install selenium)")
 
 FIXTURE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
 KEY = "sk-browser"
