@@ -29,14 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for name in VERBS:
-        try:
-            module = importlib.import_module(f"tianying.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"tianying.cli.{name}":
-                raise
-            print(f"tianying: warning: verb {name!r} is not installed", file=sys.stderr)
-            continue
-        module.register(sub)
+        importlib.import_module(f"tianying.cli.{name}").register(sub)
     return parser
 
 
