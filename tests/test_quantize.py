@@ -14,6 +14,7 @@ from tianying.quantize import (
     QuantLinear,
     QuantSpec,
     apply_quantization,
+    native,
     parse_spec,
     quantize_model,
     quantized_layers,
@@ -80,18 +81,27 @@ def test_nibble_and_tinygemm_layouts_round_trip() -> None:
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("dtype,act_bf16", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
                          ids=["fp32", "fp32-via-bf16", "bf16"])
-def test_fast_path_equals_reference(spec: QuantSpec, dtype: torch.dtype, act_bf16: bool) -> None:
-    """|fast − reference| ≤ tol · (|x|·|Ŵ|ᵀ): tol 1e-5 in fp32, 2⁻⁶ (a few bf16 ulps of a sum) when the kernel
-    runs in bf16, which is the default for fp32 inputs (the kernels are ~6× faster in bf16 on AVX2)."""
+@pytest.mark.parametrize("backend", ["native", "aten"])
+def test_fast_path_equals_reference(spec: QuantSpec, dtype: torch.dtype, act_bf16: bool, backend: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """|fast − reference| ≤ tol · (|x|·|Ŵ|ᵀ): tol 1e-5 in fp32 (the native kernels always accumulate fp32
+    activations), 2⁻⁶ (a few bf16 ulps of a sum) when PyTorch's kernels run in bf16, which is their default
+    for fp32 inputs (they are ~6× faster in bf16 on AVX2)."""
+    monkeypatch.setenv("TIANYING_QUANT_BACKEND", "auto" if backend == "native" else "aten")
+    if backend == "native" and not native.available():
+        pytest.skip("native kernels could not be built here (no C++ compiler)")
     lin = _linear(bias=True)
     fast = QuantLinear.from_linear(lin, spec)
     assert fast.act_bf16
     fast.act_bf16 = act_bf16
     x = torch.randn(2, 5, 256).to(dtype)
     path = fast.kernel(x)
-    if path == "reference":
-        pytest.skip("no fast kernel for this setting on this platform")
-    assert path == ("int8_cpu" if spec.bits == 8 else "int4_cpu")
+    if backend == "aten":
+        if path == "reference":
+            pytest.skip("no PyTorch int8/int4 CPU kernel for this setting in this torch")
+        assert path == ("int8_cpu" if spec.bits == 8 else "int4_cpu")
+    else:
+        assert path == "native"
     y = fast(x)
     ref = QuantLinear.from_linear(lin, spec)
     ref.backend = "reference"
@@ -100,7 +110,7 @@ def test_fast_path_equals_reference(spec: QuantSpec, dtype: torch.dtype, act_bf1
     y_ref = ref(x)
     assert y.dtype == dtype and y.shape == (2, 5, 96)
     mag = x.float().abs() @ fast.dequantize().abs().t() + lin.bias.abs()
-    tol = 1e-5 if not act_bf16 else 2 ** -6
+    tol = 2 ** -6 if dtype == torch.bfloat16 or (act_bf16 and backend == "aten") else 1e-5
     assert ((y.float() - y_ref.float()).abs() <= tol * mag + 1e-6).all()
     # and both compute x·Ŵᵀ + b
     exact = x.double() @ fast.dequantize(torch.float64).t() + lin.bias.double()
@@ -123,6 +133,7 @@ def test_env_forces_reference_and_kernel_failure_falls_back(monkeypatch: pytest.
         raise RuntimeError("kernel unavailable")
 
     monkeypatch.setattr(QuantLinear, "_forward_fast", broken)
+    monkeypatch.setattr(QuantLinear, "_forward_native", broken)
     with pytest.warns(UserWarning, match="reference path"):
         y = m(x)
     torch.testing.assert_close(y, expected)
@@ -439,10 +450,11 @@ def test_load_dispatch_for_llm_load(tiny_ckpt, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- issue 7, round 2
-def test_int4_kernel_pads_rows_to_32() -> None:
+def test_int4_kernel_pads_rows_to_32(monkeypatch: pytest.MonkeyPatch) -> None:
     """An LM head of 100,008 rows is not a multiple of 32: the tinygemm kernel runs on zero-padded rows."""
     from tianying.quantize.format import layer_from_gptq, layer_to_gptq
 
+    monkeypatch.setenv("TIANYING_QUANT_BACKEND", "aten")
     lin = _linear(k=128, n=40, bias=True)
     m = QuantLinear.from_linear(lin, QuantSpec(4, 32, True))
     x = torch.randn(3, 128)

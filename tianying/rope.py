@@ -121,6 +121,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, D] → (cos, signed sin) [B, 1, T, D] for `apply_rotation`, built once per forward."""
+    h = sin.shape[-1] // 2
+    return cos.unsqueeze(1), torch.cat((-sin[..., :h], sin[..., h:]), dim=-1).unsqueeze(1)
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in 3 ops instead of 7 (it runs twice per layer per decode step): rotate_half(x)·sin equals
+    roll(x, D/2)·sin_signed with the first half of sin negated."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Permute q/k projection rows from Meta/FlagAI interleaved pairs to rotate-half (seed-spec §2.3)."""
     out_dim, d_in = w.shape

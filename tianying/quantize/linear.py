@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tianying.errors import TianyingError
+from tianying.quantize import native
 
 
 class QuantizeError(TianyingError, ValueError):
@@ -56,6 +57,8 @@ class QuantizeError(TianyingError, ValueError):
 
 
 SUPPORTED_BITS = (4, 8)
+NATIVE_MAX_ROWS = 16  # up to this many activation rows the native GEMV kernel streams the weights once
+DEQUANT_CHUNK_ELEMENTS = 1 << 24  # above it: dequantize ≤ 64 MiB of fp32 rows at a time for the GEMM
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,10 @@ def _forced_backend() -> str:
     return os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower()
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_NOT_NATIVE = ("reference", "aten")
+
+
 class QuantLinear(nn.Module):
     """y = x·Ŵᵀ + b with Ŵ stored as integers (see module docstring); a drop-in for `nn.Linear` at inference.
 
@@ -352,6 +359,10 @@ class QuantLinear(nn.Module):
             return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
         if self.layout == "tinygemm_cpu":
             return unpack_tinygemm_cpu(self.qweight)[:self.out_features]
+        if self.layout == "int8_x8":
+            return (native.from_x8_i8(self.qweight, self.out_features).to(torch.int16) + 128).to(torch.uint8)
+        if self.layout == "int4_x8":
+            return native.from_x8_i4(self.qweight, self.out_features)
         return unpack_nibbles(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -367,21 +378,36 @@ class QuantLinear(nn.Module):
     def prepare(self) -> None:
         """Repack for the fastest kernel this device has (called after construction and after `.to()`)."""
         self._fast.clear()
-        dev = self.qweight.device.type
-        if self.spec.bits == 4:
-            want = "tinygemm_cpu" if (dev == "cpu" and self._int4_cpu_ok()) else "nibble"
-            if want != self.layout:
-                q = self.int_weight()
-                if want == "tinygemm_cpu":  # zero rows up to a multiple of 32 (their outputs are dropped)
-                    q = F.pad(q.to(torch.int32), (0, 0, 0, -self.out_features % 32), value=8)
-                    self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                else:
-                    self.qweight = pack_nibbles(q)
-                self.layout = want
+        want = self._best_layout()
+        if want == self.layout:
+            return
+        q = self.int_weight()
+        if want == "int8":
+            self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
+        elif want == "int8_x8":
+            self.qweight = native.to_x8_i8((q.to(torch.int16) - 128).to(torch.int8))
+        elif want == "int4_x8":
+            self.qweight = native.to_x8_i4(q)
+        elif want == "tinygemm_cpu":  # zero rows up to a multiple of 32 (their outputs are dropped)
+            q = F.pad(q.to(torch.int32), (0, 0, 0, -self.out_features % 32), value=8)
+            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            self.qweight = pack_nibbles(q)
+        self.layout = want
 
-    def _int4_cpu_ok(self) -> bool:
-        return (self.backend != "reference" and _forced_backend() != "reference"
-                and self.spec.group_width(self.in_features) in (32, 64, 128, 256) and _probe("int4_cpu"))
+    def _best_layout(self) -> str:
+        plain = "int8" if self.spec.bits == 8 else "nibble"
+        if self.qweight.device.type != "cpu" or self.backend == "reference" or _forced_backend() == "reference":
+            return plain
+        g = self.spec.group_width(self.in_features)
+        if _forced_backend() != "aten" and native.available():
+            if self.spec.bits == 8 and self.spec.group_size == -1:
+                return "int8_x8"
+            if self.spec.bits == 4 and g % 2 == 0:
+                return "int4_x8"
+        if self.spec.bits == 4 and g in (32, 64, 128, 256) and _probe("int4_cpu"):
+            return "tinygemm_cpu"
+        return plain
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         """`.to(device)` moves the buffers; `.to(dtype)` must not round the fp16 scales (to bf16: 3 bits fewer)."""
@@ -394,11 +420,13 @@ class QuantLinear(nn.Module):
         return out
 
     def kernel(self, x: torch.Tensor) -> str:
-        """Which path `forward` takes for this input: "int8_cpu", "int4_cpu" or "reference"."""
+        """Which path `forward` takes for this input: "native", "int8_cpu", "int4_cpu" or "reference"."""
         if self.backend == "reference" or _forced_backend() == "reference" or x.device.type != "cpu":
             return "reference"
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "reference"
+        if self.layout in ("int8_x8", "int4_x8"):
+            return "native"
         if self.layout == "int8" and self.scales.shape[0] == 1 and _probe("int8_cpu"):
             return "int8_cpu"
         if self.layout == "tinygemm_cpu":
@@ -408,7 +436,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        path = self.kernel(x)
+        if (self.layout == "int8_x8" or self.layout == "int4_x8") and x.device.type == "cpu" and \
+                self.backend != "reference" and x.dtype in _FLOATS and _forced_backend() not in _NOT_NATIVE:
+            path = "native"  # the decode hot path (~85 calls per token): checks kept to a minimum
+        else:
+            path = self.kernel(x)
         if path != "reference":
             try:
                 y = self._forward_fast(x, path)
@@ -420,7 +452,41 @@ class QuantLinear(nn.Module):
         w = dequantize(self.int_weight(), self.scales, self.zeros, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 activations throughout: GEMV kernel for ≤ NATIVE_MAX_ROWS rows, else dequantized chunks + GEMM."""
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if dtype != torch.float32:
+            x2 = x2.float()
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        ops = self._fast.get("native")
+        int8 = self.layout == "int8_x8"
+        if ops is None:
+            ops = native.operands(self.scales, self.zeros, int8)
+            if self.cache_ops:
+                self._fast["native"] = ops
+        M, N = x2.shape[0], self.out_features
+        if M <= NATIVE_MAX_ROWS:
+            y = native.gemm_i8(x2, self.qweight, *ops) if int8 else native.gemm_i4(x2, self.qweight, *ops)
+            if N % 8:
+                y = y[:, :N]
+            if dtype != torch.float32:
+                y = y.to(dtype)
+            return y.view(*shape[:-1], N) if y.is_contiguous() else y.reshape(*shape[:-1], N)
+        else:
+            y = torch.empty(M, N, dtype=torch.float32)
+            step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features // 8 * 8)
+            buf = torch.empty(min(step, N + 7), self.in_features, dtype=torch.float32)
+            for n0 in range(0, N, step):
+                n1 = min(N, n0 + step)
+                w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, ops, n0, n1, buf)
+                y[:, n0:n1] = x2 @ w.t()
+        return y.to(dtype).reshape(*shape[:-1], N)
+
     def _forward_fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        if path == "native":
+            return self._forward_native(x)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features)
         if self.act_bf16 and dtype != torch.bfloat16:
