@@ -151,7 +151,8 @@ def test_act_order_layer_gathers_permuted_columns() -> None:
     W = m.dequantize()
     assert ((W - w).abs() <= _scale_per_element(m)[:, torch.argsort(perm)] / 2 * (1 + 1e-6)).all()
     x = torch.randn(4, 128)
-    torch.testing.assert_close(m(x), x @ W.t(), rtol=1e-4, atol=1e-4)
+    # the native kernels round activations to int16 per block (≤ 2⁻¹⁶ of the block's max|x|)
+    assert ((m(x) - x @ W.t()).abs() <= 2e-4 * (x.abs() @ W.abs().t()) + 1e-6).all()
 
 
 # ---------------------------------------------------------------------------------------------- model level
@@ -246,7 +247,9 @@ def test_gptq_hand_packed_example_pins_the_layout() -> None:
             expected[n, k] = float(s[g, n]) * (int(q[k, n]) - int(z[g, n]))
     assert torch.equal(m.dequantize(), expected)
     x = torch.randn(3, 16)
-    torch.testing.assert_close(m(x), x @ expected.t(), rtol=1e-5, atol=1e-5)
+    # native kernels round activations to int16 per block: |Δ| ≤ 2⁻¹⁵·max|x|·Σ|Ŵ| (module docstring of native.py)
+    bound = 2**-15 * x.abs().amax(-1, keepdim=True) * expected.abs().sum(-1) + 1e-5
+    assert ((m(x) - x @ expected.t()).abs() <= bound).all()
     back = layer_to_gptq(m)
     for k, t in tensors.items():
         assert torch.equal(back[k], t), k

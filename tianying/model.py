@@ -239,6 +239,9 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # optional faster decode step (tianying.quantize.decode): (x, cos, sin, cache) → x after all layers, or
+        # None when it does not handle this step; only consulted for one unpadded token per row
+        self.fast_decode = None
         self._rope_table: tuple | None = None  # (len, device, dtype, cos, sin) for unscaled/linear RoPE
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -362,11 +365,17 @@ class Transformer(nn.Module):
         cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, input_ids.device))
         if qscale is not None:
             qscale = qscale.to(x.dtype)
-        for layer in self.model.layers:
+        fast = None
+        if (self.fast_decode is not None and T == 1 and mask is None and not is_causal and qscale is None
+                and type(cache) is KVCache and not self.training and not self.config.attention_window):
+            fast = self.fast_decode(x, cos, sin, cache)
+        for layer in self.model.layers if fast is None else ():
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, qscale, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, is_causal, cache, qscale)
+        if fast is not None:
+            x = fast
         if cache is not None:
             cache.pos += T
         if last_only:

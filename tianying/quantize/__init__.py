@@ -48,7 +48,11 @@ def load(path, device="cpu", dtype=None, quantize=None, memory_limit=None):  # n
     if _format.is_quantized_checkpoint(path):
         if quantize is not None:
             raise QuantizeError(f"{path} is already quantized; drop quantize={quantize!r}")
-        return _format.load_quantized(path, device=device, dtype=dtype)
+        model, cfg = _format.load_quantized(path, device=device, dtype=dtype)
+        from tianying.quantize.decode import attach
+
+        attach(model)
+        return model, cfg
     from tianying.checkpoint import load_model
 
     model, cfg = load_model(path, device=device, dtype=dtype)

@@ -401,9 +401,9 @@ class QuantLinear(nn.Module):
             return plain
         g = self.spec.group_width(self.in_features)
         if _forced_backend() != "aten" and native.available():
-            if self.spec.bits == 8 and self.spec.group_size == -1:
+            if self.spec.bits == 8 and self.spec.group_size == -1 and native.supports(self.in_features, g):
                 return "int8_x8"
-            if self.spec.bits == 4 and g % 2 == 0:
+            if self.spec.bits == 4 and native.supports(self.in_features, g):
                 return "int4_x8"
         if self.spec.bits == 4 and g in (32, 64, 128, 256) and _probe("int4_cpu"):
             return "tinygemm_cpu"
@@ -463,7 +463,7 @@ class QuantLinear(nn.Module):
         ops = self._fast.get("native")
         int8 = self.layout == "int8_x8"
         if ops is None:
-            ops = native.operands(self.scales, self.zeros, int8)
+            ops = native.operands(self.scales, self.zeros, int8, self.in_features)
             if self.cache_ops:
                 self._fast["native"] = ops
         M, N = x2.shape[0], self.out_features
@@ -545,6 +545,9 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
             q.prepare()
         set_submodule(model, name, q)
         lin.weight = None  # release the float weight now (the model may hold the last reference)
+    from tianying.quantize.decode import attach
+
+    attach(model)  # the native decode step, when every projection has a native kernel
     return model
 
 

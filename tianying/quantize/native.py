@@ -1,11 +1,18 @@
 """Native int8 / int4 CPU kernels for decoding, compiled on first use and called through ctypes.
 
 Why not only PyTorch's ops: `aten._weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` are compute-bound
-at batch 1 on AVX2 CPUs (measured here: 4–10 GB/s of int8 weights, the speed of fp32 F.linear per row),
-which leaves quantized decoding at about half of llama.cpp's. A decode step is a matrix-vector product per
-layer, bound by how fast the weights stream from memory, so `native.cpp` keeps fp32 activations, converts
-8 weights per instruction and accumulates with FMA, one pass over the weights for up to 16 activation rows.
-Larger batches (prefill) dequantize row chunks and use the BLAS GEMM (`QuantLinear` decides).
+at batch 1 on AVX2 CPUs (measured here: 4–10 GB/s of int8 weights, about the speed of fp32 F.linear per
+row), which left quantized decoding at less than half of llama.cpp's. A decode step is a matrix-vector
+product per layer, bound by how fast the weights stream from memory, so `native.cpp`:
+- rounds the activations to int16 per block of ≤ 256 columns (xq = round(x/sx), sx = max|x_block|/32767;
+  |Δx| ≤ sx/2, i.e. 2⁻¹⁶ of the block's largest value: 1/1000 of int4's and 1/100 of int8's own weight
+  rounding; llama.cpp rounds activations to int8 instead), so that one vpmaddwd does 16 exact integer
+  multiply-adds and only block sums are scaled in fp32;
+- stores the weights with 8 output rows interleaved, so each thread streams one sequential run and keeps
+  8 outputs in one vector; one pass over the weights serves up to 8 activation rows.
+Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the BLAS GEMM
+(`QuantLinear` decides). `tianying.quantize.decode` also uses the library's fp32 RMSNorm / RoPE /
+attention / SwiGLU helpers for a whole decode step.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
 when torch reports an AVX2/AVX512 CPU. The library is cached under `$TIANYING_CACHE` (default
@@ -82,11 +89,16 @@ def build(simd: bool = True, directory: Path | None = None) -> Path:
 def bind(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its C signatures."""
     lib = ctypes.CDLL(str(path))
-    lib.ty_gemm_i8.argtypes = [_P, _L, _L, _P, _P, _P, _P, _L, _I]
-    lib.ty_gemm_i4.argtypes = [_P, _L, _L, _P, _P, _P, _L, _P, _P, _L, _I]
+    lib.ty_gemm_i8.argtypes = [_P, _L, _L, _L, _P, _P, _P, _P, _L, _I]
+    lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P, _L, _I]
     lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _P, _I]
-    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4):
+    lib.ty_rmsnorm.argtypes = [_P, _P, ctypes.c_float, _P, _L, _L]
+    lib.ty_add2.argtypes = [_P, _P, _L, _L, _L]
+    lib.ty_silu_mul.argtypes = [_P, _P, _L, _P, _L, _L]
+    lib.ty_attend.argtypes = [_P, _L, _P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _P, _I]
+    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_rmsnorm, lib.ty_add2,
+              lib.ty_silu_mul, lib.ty_attend):
         f.restype = None
     return lib
 
@@ -127,37 +139,67 @@ def _unrows_x8(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
 
 
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] (C even) → [ceil(N/8), C/2, 8, 2]: column pairs of 8 interleaved rows (native.cpp's byte order)."""
+    N, C = t.shape
+    t = torch.nn.functional.pad(t, (0, 0, 0, -N % 8))
+    return t.reshape(-1, 8, C // 2, 2).transpose(1, 2).contiguous()
+
+
+def _unpairs(p: torch.Tensor, n: int) -> torch.Tensor:
+    return p.transpose(1, 2).reshape(p.shape[0] * 8, -1)[:n]
+
+
 def to_x8_i8(w: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] (q − 128) → native.cpp's int8 x8 layout [ceil(N/8), K, 8]."""
-    return _rows_x8(w)
+    """int8 [N, K] (q − 128, K even) → the "x8p" layout [ceil(N/8), K/2, 8, 2]."""
+    return _pairs(w)
 
 
 def from_x8_i8(p: torch.Tensor, n: int) -> torch.Tensor:
-    return _unrows_x8(p, n)
+    return _unpairs(p, n)
 
 
 def to_x8_i4(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (values < 16) → int4 x8 layout [ceil(N/8), K/2, 8]: column 2j low nibble, 2j+1 high."""
+    """q uint8 [N, K] (values < 16, K % 4 == 0) → the "x8q" layout [ceil(N/8), K/4, 8, 2]: byte (j, r, t) holds
+    columns 4j + t (low nibble) and 4j + 2 + t (high nibble) of row r."""
     q = q.to(torch.uint8)
-    return _rows_x8(q[:, 0::2] | (q[:, 1::2] << 4))
+    N, K = q.shape
+    q4 = q.reshape(N, K // 4, 2, 2)  # [..., half, t]: column 4j + 2·half + t
+    return _pairs((q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(N, K // 2))
 
 
 def from_x8_i4(p: torch.Tensor, n: int) -> torch.Tensor:
-    b = _unrows_x8(p, n)
-    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n, -1)
+    b = _unpairs(p, n).reshape(n, -1, 2)  # [N, K/4, t]
+    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, -1)
 
 
-def operands(scales: torch.Tensor, zeros: torch.Tensor, int8: bool) -> tuple:
+def act_block(k: int, group: int) -> int:
+    """Activation block for int16 rounding: the largest multiple of 4 ≤ 256 dividing the group (or K)."""
+    g = group if group > 0 else k
+    for kb in range(min(g, 256) // 4 * 4, 3, -4):
+        if g % kb == 0:
+            return kb
+    raise ValueError(f"no activation block for group {g}")
+
+
+def supports(k: int, group: int) -> bool:
+    g = group if group > 0 else k
+    return k % 4 == 0 and g % 4 == 0
+
+
+def operands(scales: torch.Tensor, zeros: torch.Tensor, int8: bool, k: int) -> tuple:
     """Kernel operands from a QuantLinear's scales fp16 [G, N] and zeros int16 [G, N] (padded to N % 8 == 0).
 
-    int8 (G = 1): (s fp32, o = 128 − z fp32 or None when symmetric, z fp32); int4: (s, z) in [N/8, G, 8].
+    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric, z fp32); int4: (kb, s, z) in [N/8, G, 8].
     """
     pad = -scales.shape[1] % 8
+    G = scales.shape[0]
+    kb = act_block(k, k // G)
     if int8:
         s = torch.nn.functional.pad(scales[0].float(), (0, pad))
         z = torch.nn.functional.pad(zeros[0].float(), (0, pad), value=128.0)
-        return s, None if bool((z == 128).all()) else (128.0 - z).contiguous(), z
-    return _rows_x8(scales.t().contiguous()), _rows_x8(zeros.t().to(torch.uint8))
+        return kb, s, None if bool((z == 128).all()) else (128.0 - z).contiguous(), z
+    return kb, _rows_x8(scales.t().contiguous()), _rows_x8(zeros.t().to(torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------ calls
@@ -165,25 +207,23 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def gemm_i8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, z: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """x fp32 [M, K] contiguous, w int8 x8 layout, s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
+def gemm_i8(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, o: torch.Tensor | None,
+            z: torch.Tensor | None = None) -> torch.Tensor:
+    """x fp32 [M, K] contiguous, w int8 x8p layout, s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
     M, K = x.shape
     N = w.shape[0] * 8
     y = torch.empty(M, N, dtype=torch.float32)
-    _LIB.ty_gemm_i8(x.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(),
+    _LIB.ty_gemm_i8(x.data_ptr(), M, K, kb, w.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(),
                     y.data_ptr(), N, _threads())
     return y
 
 
-def gemm_i4(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x fp32 [M, K], w int4 x8 layout, s fp16 / z uint8 [N8/8, G, 8] → y fp32 [M, N8]."""
+def gemm_i4(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """x fp32 [M, K], w int4 x8q layout, s fp16 / z uint8 [N8/8, G, 8] → y fp32 [M, N8]."""
     M, K = x.shape
     N, G = w.shape[0] * 8, s.shape[1]
     y = torch.empty(M, N, dtype=torch.float32)
-    xs = torch.empty(16 * G, dtype=torch.float32)
-    _LIB.ty_gemm_i4(x.data_ptr(), M, K, w.data_ptr(), s.data_ptr(), z.data_ptr(), G, xs.data_ptr(), y.data_ptr(),
-                    N, _threads())
+    _LIB.ty_gemm_i4(x.data_ptr(), M, K, kb, w.data_ptr(), s.data_ptr(), z.data_ptr(), G, y.data_ptr(), N, _threads())
     return y
 
 
@@ -196,14 +236,14 @@ def _dequant_rows(n0: int, n1: int, K: int, out: torch.Tensor | None) -> tuple[i
 
 def dequant_i8(w: torch.Tensor, ops: tuple, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [n0, n1) of Ŵ = (q − z)·s as fp32 [n1 − n0, K], bit-equal to the reference dequantization."""
-    K = w.shape[1]
+    K = w.shape[1] * 2
     a, b, buf = _dequant_rows(n0, n1, K, out)
-    _LIB.ty_dequant_i8(w.data_ptr(), ops[0].data_ptr(), ops[2].data_ptr(), K, a, b, buf.data_ptr(), _threads())
+    _LIB.ty_dequant_i8(w.data_ptr(), ops[1].data_ptr(), ops[3].data_ptr(), K, a, b, buf.data_ptr(), _threads())
     return buf[n0 - a:n1 - a]
 
 
 def dequant_i4(w: torch.Tensor, ops: tuple, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    K, G = w.shape[1] * 2, ops[0].shape[1]
+    K, G = w.shape[1] * 4, ops[1].shape[1]
     a, b, buf = _dequant_rows(n0, n1, K, out)
-    _LIB.ty_dequant_i4(w.data_ptr(), ops[0].data_ptr(), ops[1].data_ptr(), G, K, a, b, buf.data_ptr(), _threads())
+    _LIB.ty_dequant_i4(w.data_ptr(), ops[1].data_ptr(), ops[2].data_ptr(), G, K, a, b, buf.data_ptr(), _threads())
     return buf[n0 - a:n1 - a]

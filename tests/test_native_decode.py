@@ -1,0 +1,73 @@
+"""The native decode step (tianying/quantize/decode.py) equals the ordinary PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tianying.config import Config
+from tianying.model import KVCache, build_model
+from tianying.quantize import native, quantize_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built (no C++ compiler)")
+
+
+def _model(n_kv_head: int, bits: int, seed: int = 0):
+    cfg = Config(vocab_size=96, hidden_size=64, n_layer=2, n_head=4, n_kv_head=n_kv_head, intermediate_size=160,
+                 max_position_embeddings=64)
+    torch.manual_seed(seed)
+    m = build_model(cfg).eval()
+    quantize_model(m, bits=bits, group_size=None if bits == 8 else 32, lm_head=True)
+    return m, cfg
+
+
+def _decode(m, cfg, prompt: torch.Tensor, steps: int, fast: bool) -> torch.Tensor:  # noqa: ANN001
+    hook = m.fast_decode
+    m.fast_decode = hook if fast else None
+    try:
+        cache = KVCache(cfg, prompt.shape[0], prompt.shape[1] + steps + 1, torch.float32, "cpu")
+        out = [m(prompt, cache=cache, last_only=True)]
+        tok = out[-1][:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            out.append(m(tok, cache=cache))
+            tok = (tok * 7 + 3) % cfg.vocab_size  # fixed inputs, independent of the logits
+        return torch.cat(out, dim=1)
+    finally:
+        m.fast_decode = hook
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_decode_equals_the_pytorch_path(n_kv_head: int, bits: int, batch: int) -> None:
+    m, cfg = _model(n_kv_head, bits)
+    assert m.fast_decode is not None
+    prompt = torch.randint(0, cfg.vocab_size, (batch, 5))
+    calls = []
+    hook = m.fast_decode
+    m.fast_decode = lambda *a: calls.append(1) or hook(*a)
+    fast = _decode(m, cfg, prompt, 6, fast=True)
+    assert len(calls) == 6  # every one-token step, not the prompt
+    m.fast_decode = hook
+    slow = _decode(m, cfg, prompt, 6, fast=False)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_decode_steps_aside_when_it_does_not_apply() -> None:
+    m, cfg = _model(4, 8)
+    # a padded batch (mask) and bf16 activations take the ordinary path
+    cache = KVCache(cfg, 2, 16, torch.float32, "cpu")
+    ids = torch.randint(0, cfg.vocab_size, (2, 4))
+    pad = torch.tensor([[False, True, True, True], [True] * 4])
+    m(ids, cache=cache, pad_mask=pad)
+    calls = []
+    hook = m.fast_decode
+    m.fast_decode = lambda *a: calls.append(1) or hook(*a)
+    m(ids[:, :1], cache=cache, pad_mask=torch.ones(2, 1, dtype=torch.bool))
+    assert calls == []
+    # a replaced projection (e.g. a LoRA wrapper) makes the hook decline
+    m.fast_decode = hook
+    m.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=False)
+    cache = KVCache(cfg, 1, 16, torch.float32, "cpu")
+    m(ids[:1], cache=cache)
+    assert hook(m.model.embed_tokens(ids[:1, :1]), *m.rope(None, 4, 1, torch.float32, "cpu"), cache) is None
