@@ -16,6 +16,8 @@ import argparse
 import gzip
 import json
 import math
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,21 +124,25 @@ def build_variant(args: argparse.Namespace, variant: str, out: Path) -> Path:
 def run_variant(args: argparse.Namespace, variant: str, path: Path) -> dict:
     """In this (fresh) process: load, measure peak RSS, decode speed and perplexity."""
     from tianying.checkpoint import load_model
-    from tianying.quantize import is_quantized_checkpoint, load_quantized
+    from tianying.quantize import is_quantized_checkpoint
     from tianying.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
     base = _rss("VmRSS:")
-    if is_quantized_checkpoint(path):
-        model, cfg = load_quantized(path, dtype=dtype)
+    if is_quantized_checkpoint(path):  # its default: fp32 activations on CPU (the native kernels' input)
+        from tianying.quantize import load
+
+        model, cfg = load(path)
     else:
-        model, cfg = load_model(path, dtype=dtype)
+        model, cfg = load_model(path, dtype=torch.float32 if variant == "fp32" else torch.bfloat16)
+    dtype = model.model.norm.weight.dtype
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     # peak for encoding --prompt tokens and generating --generate more
     decode_rate(model, cfg, 1, args.prompt, args.generate, dtype)
     peak = _rss("VmHWM:") - base
-    rates = {b: decode_rate(model, cfg, b, 16, args.decode, dtype) for b in (1, 8)}
+    # decode speed from a short context, median of 3 runs (llama-bench's tg test also starts from an empty cache)
+    rates = {b: statistics.median(decode_rate(model, cfg, b, 16, args.decode, dtype) for _ in range(3))
+             for b in (1, 8)}
     ppl, n_ppl = None, 0
     if args.ppl_tokens:
         ids = _token_stream(Tokenizer.from_dir(path), args.valid, args.ppl_tokens)
@@ -164,7 +170,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=2048, help="tokens encoded for the peak-memory probe")
     ap.add_argument("--generate", type=int, default=512, help="tokens then generated for the peak-memory probe")
-    ap.add_argument("--decode", type=int, default=32, help="tokens decoded per rate measurement")
+    ap.add_argument("--decode", type=int, default=64, help="tokens decoded per rate measurement")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="also run benchmarks/llama_cpp.py (llama.cpp source dir with "
+                                                       "build/bin) on the same weights, for the same-run ratio")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--_child", nargs=2, metavar=("VARIANT", "PATH"), help=argparse.SUPPRESS)
@@ -195,6 +203,7 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"{v} failed:\n{out.stderr}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peer = llama_cpp_rows(args, tmp) if args.llama_cpp else []
     ref = rows[0]["ppl"]
     print(f"checkpoint: {args.checkpoint}  int4 group: {args.group_size}  threads: {args.threads}  "
           f"ppl on {rows[0]['ppl_tokens']} held-out tokens  peak: encode {args.prompt} + generate {args.generate}")
@@ -204,8 +213,34 @@ def main() -> None:
         print(f"{r['variant']:<13} {r['ckpt_bytes'] / 2**20:9.1f} {r['weight_bytes'] / 2**20:11.1f} "
               f"{r['peak_rss_bytes'] / 2**20:9.1f} {r['tok_s_b1']:9.1f} {r['tok_s_b8']:9.1f} "
               + (f"{r['ppl']:9.3f} {100 * (r['ppl'] / ref - 1):+6.2f}%" if ref else f"{'-':>9} {'-':>7}"))
+    if peer:
+        print(f"\nllama.cpp on the same weights (llama-bench tg{args.decode}, median of 3; "
+              f"load average {os.getloadavg()[0]:.2f}):")
+        ours = {r["variant"]: r["tok_s_b1"] for r in rows}
+        for p in peer:
+            mine = PEERS.get(p["variant"], [])
+            best = max((v for v in mine if v in ours), key=lambda v: ours[v], default=None)
+            ratio = f"  ours {best} {ours[best]:.1f} tok/s = {ours[best] / p['tok_s_median']:.2f}×" if best else ""
+            print(f"  {p['variant']:<11} ({p['types']}) {p['file_mib']:7.1f} MiB  {p['tok_s_median']:6.1f} tok/s"
+                  + ratio)
     print(json.dumps({"benchmark": "quantize", "checkpoint": str(args.checkpoint), "threads": args.threads,
-                      "group_size": args.group_size, "results": rows}))
+                      "group_size": args.group_size, "results": rows, "llama_cpp": peer}))
+
+
+# which of our variants answer which llama.cpp type (llama.cpp quantizes embeddings and LM head too)
+PEERS = {"f32": ["fp32"], "q8_0": ["int8-head", "int8"], "q4_0": ["int4-rtn-head", "int4-rtn"],
+         "q4_0-pure": ["int4-rtn-head", "int4-rtn"]}
+
+
+def llama_cpp_rows(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """benchmarks/llama_cpp.py on args.checkpoint (exported to GGUF f32, then llama-quantize)."""
+    cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp.py")), "--checkpoint", str(args.checkpoint),
+           "--llama-cpp", args.llama_cpp, "--threads", str(args.threads), "--tokens", str(args.decode),
+           "--variants", "f32,q8_0,q4_0,q4_0-pure"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"llama_cpp.py failed:\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["results"]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""A decode step for natively quantized models on CPU: ~10 C calls per layer instead of ~80 PyTorch ops.
+"""A decode step for natively quantized models on CPU: 10 C calls per layer instead of ~80 PyTorch ops.
 
 At batch 1 a decode step of the ~240M benchmark model reads 80–160 MB of int4/int8 weights (6–11 ms here),
 while the ~1,000 small PyTorch ops around them (norms, RoPE, cache writes, attention over a short cache,
 views, dtype checks) cost another 7–8 ms of dispatch. `NativeDecoder` runs the same arithmetic (fp32,
 the formulas of tianying.model) through the native library: RMSNorm, the projections (native kernels),
 RoPE + cache write + attention, SwiGLU and the residuals, with every pointer and buffer prepared once.
+q/k/v and gate/up run as one kernel call each: their weights are concatenated once and the modules'
+`qweight` buffers become views of the fused tensor (no second copy).
 
 `Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
 padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
@@ -24,16 +26,42 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 class _Proj:
-    """One QuantLinear's kernel call with everything but the activation pointers bound."""
+    """One kernel call (one QuantLinear, or several fused along the output rows) with its operands bound."""
 
-    def __init__(self, m: QuantLinear) -> None:
-        self.module, self.weight = m, m.qweight
+    def __init__(self, mods: list[QuantLinear]) -> None:
+        m = mods[0]
+        self.modules = mods
         self.int8 = m.layout == "int8_x8"
-        self.ops = native.operands(m.scales, m.zeros, self.int8, m.in_features)  # kept alive: raw pointers below
-        self.K, self.N, self.N8 = m.in_features, m.out_features, -(-m.out_features // 8) * 8
+        ops = [native.operands(x.scales, x.zeros, self.int8, x.in_features) for x in mods]
+        if len(mods) == 1:
+            self.weight, self.ops = m.qweight, ops[0]
+        else:
+            # one weight tensor, the modules' own buffers become views of it (no second copy)
+            self.weight = torch.cat([x.qweight for x in mods])
+            rows = 0
+            for x in mods:
+                n = x.qweight.shape[0]
+                x.qweight = self.weight[rows:rows + n]
+                rows += n
+            if self.int8:
+                offs = [o[2] if o[2] is not None else torch.zeros_like(o[1]) for o in ops]
+                any_off = any(o[2] is not None for o in ops)
+                self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat(offs) if any_off else None,
+                            torch.cat([o[3] for o in ops]))
+            else:
+                self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat([o[2] for o in ops]))
+        self.views = [x.qweight for x in mods]
+        self.K, self.N8 = m.in_features, self.weight.shape[0] * 8
+        self.splits = [x.out_features for x in mods]  # row offsets of each module's outputs in y
         kb, s, oz = self.ops[0], self.ops[1], self.ops[2]
-        self.args = (kb, m.qweight.data_ptr(), s.data_ptr(), None if oz is None else oz.data_ptr())
+        self.args = (kb, self.weight.data_ptr(), s.data_ptr(), None if oz is None else oz.data_ptr())
         self.G = 1 if self.int8 else s.shape[1]
+
+    @staticmethod
+    def fusable(mods: list[QuantLinear]) -> bool:
+        m = mods[0]
+        return all(x.layout == m.layout and x.in_features == m.in_features and x.spec == m.spec
+                   and x.out_features % 8 == 0 for x in mods)
 
     def __call__(self, x_ptr: int, M: int, y_ptr: int, nt: int) -> None:
         kb, w, s, oz = self.args
@@ -57,10 +85,12 @@ class NativeDecoder:
         self.D, self.H, self.KVH, self.HD = cfg.hidden_size, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.layers = []
         for block in model.model.layers:
-            projs = [_Proj(block.get_submodule(n)) for n in PROJECTIONS]
+            q, k, v, o, g, u, d = (block.get_submodule(n) for n in PROJECTIONS)
+            qkv, gu = _Proj([q, k, v]), _Proj([g, u])  # fused: one kernel call each (`supported` checked it)
             norms = (block.input_layernorm, block.post_attention_layernorm)
-            self.layers.append((block, projs, norms))
-        self.F = self.layers[0][1][4].N
+            self.layers.append((block, qkv, _Proj([o]), gu, _Proj([d]), norms))
+        self.F = g.out_features
+        self.widths = {"qkv": qkv.N8, "gu": gu.N8}
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}
 
     @staticmethod
@@ -68,29 +98,30 @@ class NativeDecoder:
         cfg = model.config
         if not native.available() or cfg.head_dim > 1024 or cfg.n_head % cfg.n_kv_head:
             return False
-        return all(_eligible(b.get_submodule(n)) for b in model.model.layers for n in PROJECTIONS)
+        for b in model.model.layers:
+            mods = [b.get_submodule(n) for n in PROJECTIONS]
+            if not all(map(_eligible, mods)) or not _Proj.fusable(mods[:3]) or not _Proj.fusable(mods[4:6]):
+                return False
+        return True
 
     def still_valid(self) -> bool:
         """False once a projection was replaced or repacked (LoRA, `.to()`, a new backend...)."""
-        for block, projs, _ in self.layers:
-            for p, name in zip(projs, PROJECTIONS):
-                m = block.get_submodule(name)
-                if m is not p.module or m.qweight is not p.weight or not _eligible(m):
+        for block, qkv, o, gu, d, _ in self.layers:
+            projs = [qkv, o, gu, d]
+            mods = [m for p in projs for m in p.modules]
+            views = [t for p in projs for t in p.views]
+            for m, t, name in zip(mods, views, PROJECTIONS):
+                if block.get_submodule(name) is not m or m.qweight is not t or not _eligible(m):
                     return False
         return True
 
     def _scratch(self, M: int) -> dict[str, torch.Tensor]:
         b = self._bufs.get(M)
         if b is None:
-            L0 = self.layers[0][1]
-            f32 = dict(dtype=torch.float32)
-            b = self._bufs[M] = {
-                "h": torch.empty(M, self.D, **f32), "q": torch.empty(M, L0[0].N8, **f32),
-                "k": torch.empty(M, L0[1].N8, **f32), "v": torch.empty(M, L0[2].N8, **f32),
-                "att": torch.empty(M, self.H * self.HD, **f32), "o": torch.empty(M, L0[3].N8, **f32),
-                "g": torch.empty(M, L0[4].N8, **f32), "u": torch.empty(M, L0[5].N8, **f32),
-                "a": torch.empty(M, self.F, **f32), "d": torch.empty(M, L0[6].N8, **f32),
-            }
+            w = self.widths
+            b = self._bufs[M] = {k: torch.empty(M, n, dtype=torch.float32) for k, n in (
+                ("h", self.D), ("qkv", w["qkv"]), ("att", self.H * self.HD), ("o", D8(self.D)), ("gu", w["gu"]),
+                ("a", self.F), ("d", D8(self.D)))}
         return b
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:  # noqa: ANN001
@@ -108,23 +139,29 @@ class NativeDecoder:
         p = {k: t.data_ptr() for k, t in b.items()}
         xp, L, pos = x.data_ptr(), cache.max_len, cache.pos
         H, KVH, HD, F = self.H, self.KVH, self.HD, self.F
-        for i, (_block, (q, k, v, o, g, u, dn), (n1, n2)) in enumerate(self.layers):
+        wq, wg = self.widths["qkv"], self.widths["gu"]
+        qkv_off = [0, H * HD * 4, (H + KVH) * HD * 4]  # byte offsets of q, k, v within a qkv row
+        g_off = [0, F * 4]
+        for i, (_block, qkv, o, gu, d, (n1, n2)) in enumerate(self.layers):
             kc, vc = cache._layers[i]
             lib.ty_rmsnorm(xp, n1.weight.data_ptr(), n1.eps, p["h"], M, D)
-            q(p["h"], M, p["q"], nt)
-            k(p["h"], M, p["k"], nt)
-            v(p["h"], M, p["v"], nt)
-            lib.ty_attend(p["q"], q.N8, p["k"], k.N8, p["v"], v.N8, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(),
-                          vc.data_ptr(), M, H, KVH, HD, L, pos, p["att"], nt)
+            qkv(p["h"], M, p["qkv"], nt)
+            lib.ty_attend(p["qkv"] + qkv_off[0], wq, p["qkv"] + qkv_off[1], wq, p["qkv"] + qkv_off[2], wq,
+                          cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), M, H, KVH, HD, L, pos,
+                          p["att"], nt)
             o(p["att"], M, p["o"], nt)
-            lib.ty_add2(xp, p["o"], o.N8, M, D)
+            lib.ty_add2(xp, p["o"], D8(D), M, D)
             lib.ty_rmsnorm(xp, n2.weight.data_ptr(), n2.eps, p["h"], M, D)
-            g(p["h"], M, p["g"], nt)
-            u(p["h"], M, p["u"], nt)
-            lib.ty_silu_mul(p["g"], p["u"], g.N8, p["a"], M, F)
-            dn(p["a"], M, p["d"], nt)
-            lib.ty_add2(xp, p["d"], dn.N8, M, D)
+            gu(p["h"], M, p["gu"], nt)
+            lib.ty_silu_mul(p["gu"] + g_off[0], p["gu"] + g_off[1], wg, p["a"], M, F)
+            d(p["a"], M, p["d"], nt)
+            lib.ty_add2(xp, p["d"], D8(D), M, D)
         return x.view(M, 1, D)
+
+
+def D8(m) -> int:  # noqa: ANN001, N802 - a module or a width → width rounded up to 8 (the kernels' output rows)
+    n = m if isinstance(m, int) else m.out_features
+    return -(-n // 8) * 8
 
 
 def attach(model: torch.nn.Module) -> bool:
