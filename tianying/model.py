@@ -362,6 +362,8 @@ class Transformer(nn.Module):
              positions: torch.Tensor | None, start: int, T: int, qscale: torch.Tensor | None,
              last_only: bool) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if x.dtype != self.model.norm.weight.dtype:  # embeddings stored narrower than the compute dtype
+            x = x.to(self.model.norm.weight.dtype)
         cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, input_ids.device))
         if qscale is not None:
             qscale = qscale.to(x.dtype)
