@@ -27,9 +27,14 @@ column order. We keep `perm = argsort(g_idx)` (stable) on the layer and the weig
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 import shutil
+import struct
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -69,6 +74,26 @@ def unpack_int32(w: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return vals.reshape(*w.shape[:-1], -1).movedim(-1, dim).contiguous()
 
 
+def unpack_qweight(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ `qweight` int32 [K/pack, N] → q uint8 [N, K], equal to `unpack_int32(qweight, bits, dim=0).t()`
+    in the contiguous layout `QuantLinear.from_int` takes."""
+    return _unpack_words(qweight.to(torch.int32).t().contiguous(), bits)
+
+
+def _unpack_words(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Contiguous int32 [N, K/pack] words → uint8 [N, K]: each field is shifted and masked in one reused int32
+    buffer and written straight into the result, so the temporaries are that buffer (the packed size: 0.5 bytes
+    a weight for int4) and the result (1 byte a weight), not int16 copies of the whole matrix."""
+    pack = 32 // bits
+    N, Kp = w.shape
+    out = torch.empty(N, Kp, pack, dtype=torch.uint8)
+    tmp = torch.empty_like(w)
+    for i in range(pack):
+        torch.bitwise_right_shift(w, i * bits, out=tmp)
+        out[..., i] = tmp.bitwise_and_((1 << bits) - 1)
+    return out.view(N, Kp * pack)
+
+
 # ---------------------------------------------------------------------------------------------- layer ↔ tensors
 def layer_to_gptq(m: QuantLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one layer (original column order, g_idx for act-order)."""
@@ -103,6 +128,13 @@ def layer_from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym:
                     checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float32,
                     name: str = "layer") -> QuantLinear:
     """Rebuild a QuantLinear from `qweight/qzeros/scales[/g_idx][/bias]`."""
+    return _layer_from_gptq(dict(t), bits, group_size, sym, checkpoint_format, dtype, name)
+
+
+def _layer_from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool, checkpoint_format: str,
+                     dtype: torch.dtype, name: str) -> QuantLinear:
+    """`layer_from_gptq` that owns `t`: qweight leaves it once unpacked, so that when the caller holds no other
+    reference the packed words are freed before the layer is packed for its kernel."""
     qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
     pack = 32 // bits
     K, N = qweight.shape[0] * pack, qweight.shape[1]
@@ -113,11 +145,7 @@ def layer_from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym:
     g = K // G
     if group_size not in (-1, g) and not (group_size == K and G == 1):
         raise QuantizeError(f"{name}: config says group_size {group_size} but the tensors hold {G} groups of {g}")
-    q = unpack_int32(qweight, bits, dim=0).t()  # [N, K] original column order
-    zeros = unpack_int32(qzeros, bits, dim=1)
-    if checkpoint_format in ("gptq", "gptq_v1"):
-        zeros = zeros + 1
-    elif checkpoint_format != "gptq_v2":
+    if checkpoint_format not in ("gptq", "gptq_v1", "gptq_v2"):
         raise QuantizeError(f"{name}: unknown GPTQ checkpoint_format {checkpoint_format!r}")
     g_idx = t.get("g_idx")
     perm = None
@@ -129,10 +157,15 @@ def layer_from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym:
             if not (torch.bincount(g_idx, minlength=G) == g).all():
                 raise QuantizeError(f"{name}: g_idx assigns unequal numbers of columns to groups")
             perm = torch.argsort(g_idx, stable=True)
-            q = q[:, perm]
+    del qweight
+    q = _unpack_words(t.pop("qweight").to(torch.int32).t().contiguous(), bits)  # uint8 [N, K], original order
+    zeros = unpack_int32(qzeros, bits, dim=1)
+    if checkpoint_format in ("gptq", "gptq_v1"):
+        zeros = zeros + 1
+    if perm is not None:
+        q = q[:, perm]
     spec = QuantSpec(bits, group_size if group_size in (-1, g) else g, sym)
-    return QuantLinear.from_int(q.to(torch.uint8), scales, zeros, spec, perm=perm,
-                                bias=t.get("bias"), dtype=dtype)
+    return QuantLinear.from_int(q, scales, zeros, spec, perm=perm, bias=t.get("bias"), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -183,16 +216,180 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_tensors(files: list[Path]):  # noqa: ANN202 - generator of (name, tensor)
-    from safetensors import safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_CHUNK_BYTES = 4 << 20  # conversions (dtype, device) go through a buffer of this size
 
-    for f in files:
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    yield k, sf.get_tensor(k)
-        else:
-            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+class _SafetensorsFile:
+    """Tensors of one safetensors file, read on demand with `os.preadv` into memory of our own.
+
+    Not `safe_open(...).get_tensor`: that hands out views of a mapping of the file, whose pages count in the
+    resident set once touched and stay there while the file is open, so converting the fp32 embeddings of a
+    100k vocabulary to bf16 cost the mapped fp32 pages *and* the bf16 copy. Reads go through the page cache,
+    which is the kernel's to reclaim.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            size = path.stat().st_size
+        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            raise QuantizeError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        self.entries: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        try:
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                b, e = info["data_offsets"]
+                self.entries[name] = (8 + n + b, e - b, info["dtype"], tuple(info["shape"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise QuantizeError(f"{path}: not a readable safetensors header ({type(e).__name__}: {e})") from None
+        for name, (b, nbytes, _, _) in self.entries.items():
+            if nbytes < 0 or b + nbytes > size:
+                raise QuantizeError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def nbytes(self, name: str) -> int:
+        return self.entries[name][1]
+
+    def _read(self, offset: int, buf: torch.Tensor) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        mv = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(mv):
+            k = os.preadv(self._fd, [mv[done:]], offset + done)
+            if k <= 0:
+                raise QuantizeError(f"{self.path}: short read at byte {offset + done}")
+            done += k
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor in the file's dtype."""
+        offset, nbytes, dt, shape = self.entries[name]
+        if dt not in _ST_DTYPES:  # a dtype we do not parse ourselves (fp8, unsigned...): let safetensors read it
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as sf:
+                return sf.get_tensor(name).clone()
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._read(offset, buf)
+        return buf.view(_ST_DTYPES[dt]).view(shape)
+
+    def get_as(self, name: str, dtype: torch.dtype, device: torch.device, scratch: list) -> torch.Tensor:
+        """The tensor converted to `dtype` on `device`, without ever holding it whole in the file's dtype:
+        read straight into the result when nothing changes, else through a reused `_CHUNK_BYTES` buffer."""
+        offset, nbytes, dt, shape = self.entries[name]
+        src = _ST_DTYPES.get(dt)
+        if src is None:
+            return self.get(name).to(device=device, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if src == dtype and device.type == "cpu":
+            self._read(offset, out.view(-1).view(torch.uint8))
+            return out
+        if not scratch:
+            scratch.append(torch.empty(_CHUNK_BYTES, dtype=torch.uint8))
+        buf, per = scratch[0], _CHUNK_BYTES // src.itemsize
+        flat, numel = out.view(-1), nbytes // src.itemsize
+        for e0 in range(0, numel, per):
+            e1 = min(numel, e0 + per)
+            chunk = buf[:(e1 - e0) * src.itemsize]
+            self._read(offset + e0 * src.itemsize, chunk)
+            flat[e0:e1].copy_(chunk.view(src))
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _TorchFile:
+    """Tensors of one `.bin`/`.pt` state dict, memory-mapped (`torch.load(mmap=True)`): nothing is read until a
+    tensor is used. Results never alias the mapping, and the mapped pages a tensor was copied from are dropped
+    from the resident set right after the copy (see `_drop_pages`), else they would add up to the whole file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sd: dict | None = None
+        self._mapped = False
+
+    def _load(self) -> dict:
+        if self._sd is None:
+            try:
+                sd, mapped = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # legacy (pre-zip) serialization cannot be mapped: read it whole, still weights-only
+                sd, mapped = torch.load(self.path, map_location="cpu", weights_only=True), False
+            self._sd, self._mapped = sd, mapped
+        return self._sd
+
+    def keys(self) -> list[str]:
+        return list(self._load())
+
+    def nbytes(self, name: str) -> int:
+        t = self._load()[name]
+        return t.numel() * t.element_size()
+
+    def _done(self, t: torch.Tensor) -> None:
+        if self._mapped:  # never on memory of our own: that would be zeroed
+            _drop_pages(t.data_ptr(), t.numel() * t.element_size())
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._load()[name]
+        out = t.clone()
+        self._done(t)
+        return out
+
+    def get_as(self, name: str, dtype: torch.dtype, device: torch.device, scratch: list) -> torch.Tensor:
+        t = self._load()[name]
+        if not t.is_contiguous():
+            out = t.to(device=device, dtype=dtype, copy=True)
+            self._done(t)
+            return out
+        out = torch.empty(t.shape, dtype=dtype, device=device)
+        src, dst, per = t.view(-1), out.view(-1), max(1, _CHUNK_BYTES // t.element_size())
+        for e0 in range(0, src.numel(), per):
+            dst[e0:e0 + per].copy_(src[e0:e0 + per])
+            self._done(src[e0:e0 + per])
+        return out
+
+    def close(self) -> None:
+        self._sd = None
+
+
+def _drop_pages(ptr: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages inside [ptr, ptr + nbytes) of a read-only file mapping: they leave
+    the resident set, and would be read from the file again if touched. Linux only; elsewhere nothing."""
+    fn = _madvise()
+    page = mmap.PAGESIZE
+    lo, hi = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    if fn is not None and hi > lo:
+        fn(lo, hi - lo, 4)  # MADV_DONTNEED
+
+
+@functools.cache
+def _madvise():  # noqa: ANN202 - a ctypes function or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -201,6 +398,16 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
 
     `dtype` is the activation/non-quantized weight dtype; None → bfloat16 on CPU (the dtype its int8/int4
     kernels are fast in) and float16 elsewhere (what GPTQ checkpoints store).
+
+    Memory: the keys are grouped by module first (safetensors headers; `.bin` files are mapped, not read),
+    then each quantized layer's tensors are read, turned into its `QuantLinear` and dropped before the next
+    (largest first), then every other tensor is read and converted on its own, in chunks; nothing in the model
+    is a view of a file. So the peak is about the final model plus one layer's temporaries. Measured (torch
+    2.13 CPU, growth of VmHWM during the load into bf16, after a warm-up load): the "small" config with random
+    weights, int4 g128 with the LM head (a 374 MiB file: fp32 embeddings; a 228 MiB model), +902 MiB before
+    (every layer's tensors were kept until the end, and the layers' fp16 scales were views of the mapped file,
+    which kept all of its pages resident), +260 to +267 MiB now (the LM head's temporaries on top of little);
+    `.bin` about the same (its mapped pages are dropped as they are copied, see `_TorchFile`).
     """
     from tianying.model import build_model
 
@@ -213,33 +420,73 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
     model = build_model(cfg, init=False)
-    expected = {n for n, _ in model.named_parameters()}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    filled: set[str] = set()
-    for key, t in _iter_tensors(_weight_files(path)):
+    expected = {n: p for n, p in model.named_parameters()}
+
+    # 1. where every tensor is, and what it is for (nothing read yet)
+    files = [_SafetensorsFile(f) if f.suffix == ".safetensors" else _TorchFile(f) for f in _weight_files(path)]
+    where: dict[str, int] = {}
+    for i, src in enumerate(files):
+        for key in src.keys():
+            where[key] = i
+    quant: dict[str, dict[str, str]] = {}  # prefix → leaf → key
+    for key in where:
         prefix, _, leaf = key.rpartition(".")
-        if leaf in ("qweight", "qzeros", "scales", "g_idx") or (leaf == "bias" and prefix in pending):
-            pending.setdefault(prefix, {})[leaf] = t
+        if leaf in _QUANT_LEAVES:
+            quant.setdefault(prefix, {})[leaf] = key
+    plain: list[str] = []
+    for key in where:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _QUANT_LEAVES or (leaf == "bias" and prefix in quant):
             continue
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if key not in expected:
-            if leaf == "bias" and f"{prefix}.weight" in expected:  # bias of a quantized layer read before qweight
-                pending.setdefault(prefix, {})[leaf] = t
+            if leaf == "bias" and f"{prefix}.weight" in expected:  # a quantized layer's bias (without qweight?)
+                quant.setdefault(prefix, {})[leaf] = key
                 continue
             raise QuantizeError(f"unexpected tensor {key!r} in {path}")
-        mod = model.get_submodule(prefix)
-        setattr(mod, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-        filled.add(key)
-    for prefix, t in pending.items():
-        if "qweight" not in t:
+        plain.append(key)
+    for prefix, leaves in quant.items():
+        if "qweight" not in leaves:
             raise QuantizeError(f"{prefix}: bias without qweight")
-        layer = layer_from_gptq(t, bits, group_size, sym, fmt, dtype=dtype, name=prefix)
-        set_submodule(model, prefix, layer.to(device))
-        filled.add(f"{prefix}.weight")
-    missing = sorted(expected - filled)
+        if f"{prefix}.weight" not in expected:
+            raise QuantizeError(f"unexpected tensor {leaves['qweight']!r} in {path}")
+        bias = f"{prefix}.bias"
+        if bias in where:
+            leaves["bias"] = bias
+    filled = set(plain) | {f"{p}.{leaf}" for p, leaves in quant.items() for leaf in ("weight", "bias")
+                           if leaf == "weight" or leaf in leaves}
+    missing = sorted(set(expected) - filled)
     if missing:
         raise QuantizeError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    # 2. one module at a time: the quantized layers first, largest first, while little else is resident (a
+    # layer's temporaries are several times its final size, ~3 bytes a weight for int4, so the 100k-row LM head
+    # goes first), then every other tensor on its own
+    jobs = sorted(quant.items(), key=lambda j: -files[where[j[1]["qweight"]]].nbytes(j[1]["qweight"]))
+    dev = torch.device(device)
+    scratch: list[torch.Tensor] = []
+    try:
+        for prefix, leaves in jobs:
+            t = {leaf: files[where[k]].get(k) for leaf, k in leaves.items()}
+            layer = _layer_from_gptq(t, bits, group_size, sym, fmt, dtype, prefix)
+            del t
+            set_submodule(model, prefix, layer.to(dev))
+            del layer
+        for key in plain:
+            prefix, _, leaf = key.rpartition(".")
+            if prefix in quant:  # a float weight next to its layer's qweight: not used
+                continue
+            t = files[where[key]].get_as(key, dtype, dev, scratch)
+            if t.shape != expected[key].shape:
+                raise QuantizeError(f"{key}: shape {tuple(t.shape)} in {path}, the config says "
+                                    f"{tuple(expected[key].shape)}")
+            setattr(model.get_submodule(prefix), leaf, nn.Parameter(t, requires_grad=False))
+            del t
+    finally:
+        scratch.clear()
+        for f in files:
+            f.close()
     return model.eval(), cfg
 
 
