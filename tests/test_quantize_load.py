@@ -100,7 +100,7 @@ def test_load_equals_the_model_in_memory(tmp_path, monkeypatch: pytest.MonkeyPat
         assert torch.equal(loaded(ids), model(ids))
 
     monkeypatch.setattr(fmt, "_CHUNK_BYTES", 4096)
-    loaded, _ = load_quantized(tmp_path / "q")  # default dtype on CPU: bf16
+    loaded, _ = load_quantized(tmp_path / "q", dtype=torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = copy.deepcopy(model).to(torch.bfloat16)
     _same_model(ref, loaded)
@@ -285,11 +285,11 @@ PEAK_SCRIPT = textwrap.dedent("""
 
     torch.set_num_threads(1)
     # one-time library costs (meta-device machinery, the int4 kernels' library) are not the model's
-    load_quantized(sys.argv[1])
+    load_quantized(sys.argv[1], dtype=torch.bfloat16)
     base = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
         f.write("5")
-    model, cfg = load_quantized(sys.argv[2])  # bf16, as LLM.load on CPU
+    model, cfg = load_quantized(sys.argv[2], dtype=torch.bfloat16)
     peak = status("VmHWM:") - base
     size = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
     print(json.dumps({"peak": peak, "model": size}))
@@ -319,3 +319,18 @@ def test_peak_memory_is_the_model_plus_one_layer(big_ckpt, tmp_path, layout: str
     file = sum(f.stat().st_size for f in big.iterdir() if f.suffix in (".safetensors", ".bin"))
     assert 40 * 2**20 < file < 50 * 2**20 and 0.85 * file < res["model"] < file
     assert res["peak"] < 1.6 * file, f"peak RSS grew by {res['peak'] / 2**20:.1f} MiB for a {file / 2**20:.1f} MiB file"
+
+
+def test_default_dtype_on_cpu_is_fp32_with_16_bit_embeddings_kept(tmp_path) -> None:
+    """What the native kernels take: fp32 activations; a 16-bit embedding table stays 16-bit (upcast per row)."""
+    model, cfg = _quantized(8, -1, True, False)
+    model.to(torch.float16)
+    save_quantized(model, cfg, tmp_path / "q")
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16
+    assert loaded.model.norm.weight.dtype == torch.float32
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        assert loaded(ids).dtype == torch.float32
+        ref = copy.deepcopy(model).float()
+        torch.testing.assert_close(loaded(ids), ref(ids), rtol=1e-4, atol=1e-4)

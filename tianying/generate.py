@@ -173,7 +173,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     ids, pad_mask = left_pad(prompts, pad_id)
     B, T = ids.shape
     ids = ids.to(device)
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         dtype = torch.float32
     cache = make_cache(model, B, T + params.max_new_tokens, dtype, device)

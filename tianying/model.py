@@ -244,6 +244,11 @@ class Transformer(nn.Module):
         self.fast_decode = None
         self._rope_table: tuple | None = None  # (len, device, dtype, cos, sin) for unscaled/linear RoPE
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations' (and so the KV cache's) dtype: the norms' (the embedding table may be stored narrower)."""
+        return self.model.norm.weight.dtype
+
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """normal(0, initializer_range) on every Linear/Embedding weight, ones on norms (as HF/FlagAI)."""
         std = self.config.initializer_range
@@ -362,8 +367,8 @@ class Transformer(nn.Module):
              positions: torch.Tensor | None, start: int, T: int, qscale: torch.Tensor | None,
              last_only: bool) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        if x.dtype != self.model.norm.weight.dtype:  # embeddings stored narrower than the compute dtype
-            x = x.to(self.model.norm.weight.dtype)
+        if x.dtype != self.compute_dtype:  # embeddings stored narrower than the compute dtype
+            x = x.to(self.compute_dtype)
         cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, input_ids.device))
         if qscale is not None:
             qscale = qscale.to(x.dtype)

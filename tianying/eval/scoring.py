@@ -21,7 +21,7 @@ from tianying.model import KVCache, Transformer
 
 def _dtype_device(model: Transformer) -> tuple[torch.dtype, torch.device]:
     p = next(model.parameters())
-    return p.dtype, p.device
+    return getattr(model, "compute_dtype", p.dtype), p.device
 
 
 @torch.no_grad()

@@ -260,6 +260,9 @@ class _SafetensorsFile:
     def nbytes(self, name: str) -> int:
         return self.entries[name][1]
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return _ST_DTYPES.get(self.entries[name][2])
+
     def _read(self, offset: int, buf: torch.Tensor) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -340,6 +343,9 @@ class _TorchFile:
         t = self._load()[name]
         return t.numel() * t.element_size()
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        return self._load()[name].dtype
+
     def _done(self, t: torch.Tensor) -> None:
         if self._mapped:  # never on memory of our own: that would be zeroed
             _drop_pages(t.data_ptr(), t.numel() * t.element_size())
@@ -396,8 +402,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
                    ) -> tuple[nn.Module, Config]:
     """A GPTQ-format checkpoint as a Transformer whose quantized linears are `QuantLinear`s.
 
-    `dtype` is the activation/non-quantized weight dtype; None → bfloat16 on CPU (the dtype its int8/int4
-    kernels are fast in) and float16 elsewhere (what GPTQ checkpoints store).
+    `dtype` is the activation/non-quantized weight dtype; None → float32 on CPU (what the native int8/int4
+    kernels take; the embedding table keeps the file's 16-bit dtype, its rows are upcast after lookup, so
+    the 100k-row table of Aquila costs half) and float16 elsewhere (what GPTQ checkpoints store).
 
     Memory: the keys are grouped by module first (safetensors headers; `.bin` files are mapped, not read),
     then each quantized layer's tensors are read, turned into its `QuantLinear` and dropped before the next
@@ -417,8 +424,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
         raise QuantizeError(f"{path} is not a quantized checkpoint (no quantization_config in config.json)")
     bits, group_size, sym, fmt = _check_qc(qc)
     cfg = Config.from_hf(path)
+    narrow_embeddings = dtype is None and torch.device(device).type == "cpu"
     if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     model = build_model(cfg, init=False)
     expected = {n: p for n, p in model.named_parameters()}
 
@@ -477,7 +485,11 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
             prefix, _, leaf = key.rpartition(".")
             if prefix in quant:  # a float weight next to its layer's qweight: not used
                 continue
-            t = files[where[key]].get_as(key, dtype, dev, scratch)
+            want = dtype
+            if narrow_embeddings and key == "model.embed_tokens.weight":
+                stored = files[where[key]].dtype_of(key)
+                want = stored if stored in (torch.float16, torch.bfloat16) else dtype
+            t = files[where[key]].get_as(key, want, dev, scratch)
             if t.shape != expected[key].shape:
                 raise QuantizeError(f"{key}: shape {tuple(t.shape)} in {path}, the config says "
                                     f"{tuple(expected[key].shape)}")

@@ -175,7 +175,7 @@ class Batcher:
         self.pad_id = pad_id
         self.max_waiting = max_waiting
         self.device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
+        dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
         self.dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
         self.vocab_limit = min(int(self.cfg.vocab_size), int(tokenizer.vocab_size))
         self._pool: _SlotPool | None = None  # allocated by the worker on first use
