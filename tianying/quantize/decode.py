@@ -1,12 +1,13 @@
-"""A decode step for natively quantized models on CPU: 10 C calls per layer instead of ~80 PyTorch ops.
+"""A decode step for natively quantized models on CPU: one C call for all layers instead of ~1,000 PyTorch ops.
 
 At batch 1 a decode step of the ~240M benchmark model reads 80–160 MB of int4/int8 weights (6–11 ms here),
 while the ~1,000 small PyTorch ops around them (norms, RoPE, cache writes, attention over a short cache,
 views, dtype checks) cost another 7–8 ms of dispatch. `NativeDecoder` runs the same arithmetic (fp32,
-the formulas of tianying.model) through the native library: RMSNorm, the projections (native kernels),
-RoPE + cache write + attention, SwiGLU and the residuals, with every pointer and buffer prepared once.
-q/k/v and gate/up run as one kernel call each: their weights are concatenated once and the modules'
-`qweight` buffers become views of the fused tensor (no second copy).
+the formulas of tianying.model) as `ty_decode` in native.cpp: RMSNorm, the projections (native kernels),
+RoPE + cache write + attention, SwiGLU and the residuals of every layer inside one OpenMP region (no thread
+wake-ups between the ~60 matrix-vector products), with every pointer prepared once. q/k/v and gate/up are
+one product each: their weights are concatenated once and the modules' `qweight` buffers become views of
+the fused tensor (no second copy). The LM head stays an ordinary (quantized or float) layer.
 
 `Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
 padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
@@ -52,10 +53,11 @@ class _Proj:
                 self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat([o[2] for o in ops]))
         self.views = [x.qweight for x in mods]
         self.K, self.N8 = m.in_features, self.weight.shape[0] * 8
-        self.splits = [x.out_features for x in mods]  # row offsets of each module's outputs in y
         kb, s, oz = self.ops[0], self.ops[1], self.ops[2]
-        self.args = (kb, self.weight.data_ptr(), s.data_ptr(), None if oz is None else oz.data_ptr())
-        self.G = 1 if self.int8 else s.shape[1]
+        ptr = None if oz is None else oz.data_ptr()
+        self.struct = native.Proj(self.weight.data_ptr(), s.data_ptr(), ptr if self.int8 else None,
+                                  None if self.int8 else ptr, self.N8, self.K, kb, 1 if self.int8 else s.shape[1],
+                                  int(self.int8))
 
     @staticmethod
     def fusable(mods: list[QuantLinear]) -> bool:
@@ -63,35 +65,33 @@ class _Proj:
         return all(x.layout == m.layout and x.in_features == m.in_features and x.spec == m.spec
                    and x.out_features % 8 == 0 for x in mods)
 
-    def __call__(self, x_ptr: int, M: int, y_ptr: int, nt: int) -> None:
-        kb, w, s, oz = self.args
-        if self.int8:
-            native._LIB.ty_gemm_i8(x_ptr, M, self.K, kb, w, s, oz, y_ptr, self.N8, nt)
-        else:
-            native._LIB.ty_gemm_i4(x_ptr, M, self.K, kb, w, s, oz, self.G, y_ptr, self.N8, nt)
-
-
 def _eligible(m: object) -> bool:
     return (type(m) is QuantLinear and m.layout in ("int8_x8", "int4_x8") and m.perm is None and m.bias is None
             and m.cache_ops and m.backend != "reference")
 
 
 class NativeDecoder:
-    """Built by `attach`; holds per-layer kernel bindings and per-batch-size scratch buffers."""
+    """Built by `attach`; holds the per-layer operands (and keeps the tensors behind their pointers alive)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
         self.model = model
         self.D, self.H, self.KVH, self.HD = cfg.hidden_size, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.layers = []
+        self.watch = []  # (parent, attribute, module, qweight): what must not change under the decoder
         for block in model.model.layers:
             q, k, v, o, g, u, d = (block.get_submodule(n) for n in PROJECTIONS)
-            qkv, gu = _Proj([q, k, v]), _Proj([g, u])  # fused: one kernel call each (`supported` checked it)
+            qkv, gu = _Proj([q, k, v]), _Proj([g, u])  # fused: one product each (`supported` checked it)
             norms = (block.input_layernorm, block.post_attention_layernorm)
             self.layers.append((block, qkv, _Proj([o]), gu, _Proj([d]), norms))
+            for name, m in zip(PROJECTIONS, (q, k, v, o, g, u, d)):
+                parent, attr = name.split(".")
+                self.watch.append((getattr(block, parent), attr, m, m.qweight))
         self.F = g.out_features
-        self.widths = {"qkv": qkv.N8, "gu": gu.N8}
-        self._bufs: dict[int, dict[str, torch.Tensor]] = {}
+        self.eps = model.model.layers[0].input_layernorm.eps
+        self.structs = (native.Layer * len(self.layers))(*[
+            native.Layer(n1.weight.data_ptr(), n2.weight.data_ptr(), qkv.struct, o.struct, gu.struct, d.struct)
+            for _b, qkv, o, gu, d, (n1, n2) in self.layers])
 
     @staticmethod
     def supported(model: torch.nn.Module) -> bool:
@@ -106,62 +106,22 @@ class NativeDecoder:
 
     def still_valid(self) -> bool:
         """False once a projection was replaced or repacked (LoRA, `.to()`, a new backend...)."""
-        for block, qkv, o, gu, d, _ in self.layers:
-            projs = [qkv, o, gu, d]
-            mods = [m for p in projs for m in p.modules]
-            views = [t for p in projs for t in p.views]
-            for m, t, name in zip(mods, views, PROJECTIONS):
-                if block.get_submodule(name) is not m or m.qweight is not t or not _eligible(m):
-                    return False
-        return True
-
-    def _scratch(self, M: int) -> dict[str, torch.Tensor]:
-        b = self._bufs.get(M)
-        if b is None:
-            w = self.widths
-            b = self._bufs[M] = {k: torch.empty(M, n, dtype=torch.float32) for k, n in (
-                ("h", self.D), ("qkv", w["qkv"]), ("att", self.H * self.HD), ("o", D8(self.D)), ("gu", w["gu"]),
-                ("a", self.F), ("d", D8(self.D)))}
-        return b
+        return all(getattr(p, a) is m and m.qweight is w for p, a, m, w in self.watch)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:  # noqa: ANN001
         """x [B, 1, D] fp32 → the hidden state after every layer (writes this position's keys/values into
         `cache`), or None when this step is not one it handles."""
         if (x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype != torch.float32
-                or cache.k.device.type != "cpu" or not cache.k.is_contiguous()):
+                or cache.k.device.type != "cpu" or not cache.k.is_contiguous() or cache.k.shape[1] != x.shape[0]):
             return None
-        lib, nt = native._LIB, torch.get_num_threads()
-        M, D = x.shape[0], self.D
-        x = x.reshape(M, D).contiguous().clone()
+        M = x.shape[0]
+        x = x.reshape(M, self.D).contiguous().clone()
         cos = cos.reshape(-1, self.HD)[-1].contiguous()
         sin = sin.reshape(-1, self.HD)[-1].contiguous()
-        b = self._scratch(M)
-        p = {k: t.data_ptr() for k, t in b.items()}
-        xp, L, pos = x.data_ptr(), cache.max_len, cache.pos
-        H, KVH, HD, F = self.H, self.KVH, self.HD, self.F
-        wq, wg = self.widths["qkv"], self.widths["gu"]
-        qkv_off = [0, H * HD * 4, (H + KVH) * HD * 4]  # byte offsets of q, k, v within a qkv row
-        g_off = [0, F * 4]
-        for i, (_block, qkv, o, gu, d, (n1, n2)) in enumerate(self.layers):
-            kc, vc = cache._layers[i]
-            lib.ty_rmsnorm(xp, n1.weight.data_ptr(), n1.eps, p["h"], M, D)
-            qkv(p["h"], M, p["qkv"], nt)
-            lib.ty_attend(p["qkv"] + qkv_off[0], wq, p["qkv"] + qkv_off[1], wq, p["qkv"] + qkv_off[2], wq,
-                          cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), M, H, KVH, HD, L, pos,
-                          p["att"], nt)
-            o(p["att"], M, p["o"], nt)
-            lib.ty_add2(xp, p["o"], D8(D), M, D)
-            lib.ty_rmsnorm(xp, n2.weight.data_ptr(), n2.eps, p["h"], M, D)
-            gu(p["h"], M, p["gu"], nt)
-            lib.ty_silu_mul(p["gu"] + g_off[0], p["gu"] + g_off[1], wg, p["a"], M, F)
-            d(p["a"], M, p["d"], nt)
-            lib.ty_add2(xp, p["d"], D8(D), M, D)
-        return x.view(M, 1, D)
-
-
-def D8(m) -> int:  # noqa: ANN001, N802 - a module or a width → width rounded up to 8 (the kernels' output rows)
-    n = m if isinstance(m, int) else m.out_features
-    return -(-n // 8) * 8
+        native._LIB.ty_decode(x.data_ptr(), M, self.D, self.H, self.KVH, self.HD, self.F, self.eps, self.structs,
+                              len(self.layers), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+                              cache.max_len, cache.pos, torch.get_num_threads())
+        return x.view(M, 1, self.D)
 
 
 def attach(model: torch.nn.Module) -> bool:

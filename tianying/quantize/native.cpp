@@ -187,34 +187,52 @@ void i4_block(const Act& a, long K, long kb, const uint8_t* wb, const uint16_t* 
 #endif
 }
 
+// A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros.
+struct Proj {
+    const void* w;
+    const void* s;
+    const void* o;
+    const uint8_t* z;
+    long N8, K, kb, G;
+    int int8;
+};
+
+// Called by every thread of an enclosing parallel region (orphaned worksharing): rows of 8 outputs split
+// statically between the threads; the implicit barrier at the end of `omp for` ends the call.
 template <int MB>
-void gemm_rows(const Act& a, long K, long kb, const void* w, const void* s, const void* o, const uint8_t* z, long G,
-               float* y, long N, int nt, bool int8) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long b = 0; b < N / 8; b++) {
-        if (int8)
-            i8_block<MB>(a, K, kb, static_cast<const int8_t*>(w) + b * K * 8, static_cast<const float*>(s) + b * 8,
-                         o ? static_cast<const float*>(o) + b * 8 : nullptr, y + b * 8, N);
+void gemm_rows(const Act& a, const Proj& p, float* y) {
+#pragma omp for schedule(static)
+    for (long b = 0; b < p.N8 / 8; b++) {
+        if (p.int8)
+            i8_block<MB>(a, p.K, p.kb, static_cast<const int8_t*>(p.w) + b * p.K * 8,
+                         static_cast<const float*>(p.s) + b * 8, p.o ? static_cast<const float*>(p.o) + b * 8 : nullptr,
+                         y + b * 8, p.N8);
         else
-            i4_block<MB>(a, K, kb, static_cast<const uint8_t*>(w) + b * K * 4,
-                         static_cast<const uint16_t*>(s) + b * G * 8, z + b * G * 8, G, y + b * 8, N);
+            i4_block<MB>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + b * p.K * 4,
+                         static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, p.N8);
     }
 }
 
-void gemm(const float* x, long M, long K, long kb, const void* w, const void* s, const void* o, const uint8_t* z,
-          long G, float* y, long N, int nt, bool int8) {
-    Act a;
+// y [M, N8] = x [M, K] · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds the activations).
+void gemm_region(const float* x, long M, const Proj& p, float* y, Act& a) {
     for (long m0 = 0; m0 < M;) {
         const long left = M - m0;
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        quantize_act(x + m0 * K, mb, K, kb, a);
-        float* ym = y + m0 * N;
-        if (mb == 8) gemm_rows<8>(a, K, kb, w, s, o, z, G, ym, N, nt, int8);
-        else if (mb == 4) gemm_rows<4>(a, K, kb, w, s, o, z, G, ym, N, nt, int8);
-        else if (mb == 2) gemm_rows<2>(a, K, kb, w, s, o, z, G, ym, N, nt, int8);
-        else gemm_rows<1>(a, K, kb, w, s, o, z, G, ym, N, nt, int8);
+#pragma omp single
+        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a);
+        float* ym = y + m0 * p.N8;
+        if (mb == 8) gemm_rows<8>(a, p, ym);
+        else if (mb == 4) gemm_rows<4>(a, p, ym);
+        else if (mb == 2) gemm_rows<2>(a, p, ym);
+        else gemm_rows<1>(a, p, ym);
         m0 += mb;
     }
+}
+
+void gemm(const float* x, long M, const Proj& p, float* y, int nt) {
+    Act a;
+#pragma omp parallel num_threads(nt)
+    gemm_region(x, M, p, y, a);
 }
 
 }  // namespace
@@ -233,13 +251,13 @@ int ty_simd() {
 // int8: w x8p layout, s/o fp32 [N] (o = 128 − z, or null when symmetric).
 void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, const float* s, const float* o, float* y,
                 long N, int nt) {
-    gemm(x, M, K, kb, w, s, o, nullptr, 1, y, N, nt, true);
+    gemm(x, M, Proj{w, s, o, nullptr, N, K, kb, 1, 1}, y, nt);
 }
 
 // int4: w x8q layout, s fp16 bits / z uint8 [N/8][G][8]; kb divides the group size K / G and is a multiple of 4.
 void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, const uint16_t* s, const uint8_t* z,
                 long G, float* y, long N, int nt) {
-    gemm(x, M, K, kb, w, s, nullptr, z, G, y, N, nt, false);
+    gemm(x, M, Proj{w, s, nullptr, z, N, K, kb, G, 0}, y, nt);
 }
 
 // Rows [n0, n1) of Ŵ (n0, n1 multiples of 8) into out [(n1 − n0), K] fp32, with the reference's
@@ -272,7 +290,7 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* sc, const uint8_t* z, long 
 }
 
 // ------------------------------------------------------------------------------------------ decode glue
-// The non-matmul parts of one decode step (one new token per row), in fp32, for tianying/quantize/decode.py.
+// The non-matmul parts of one decode step (one new token per row), in fp32, and the whole step.
 
 // out[m] = x[m] · rsqrt(eps + Σ x[m]² / D) · w
 void ty_rmsnorm(const float* x, const float* w, float eps, float* out, long M, long D) {
@@ -301,14 +319,10 @@ void ty_silu_mul(const float* g, const float* u, long ld, float* out, long M, lo
 }
 
 // Rotary embedding (rotate-half layout) of q [M, H, HD] and k [M, KVH, HD] in place with cos and signed sin
-// [HD] (first half negated), then k, v written to the layer's cache [M, KVH, L, HD] at `pos`, then each query
-// head attends to cache positions 0..pos of its KV head (GQA: consecutive query heads share one).
-// q/k/v rows have stride ldq/ldk/ldv; out is [M, H·HD].
-void ty_attend(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
-               const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L, long pos,
-               float* out, int nt) {
-    const long half = HD / 2, rep = H / KVH, S = pos + 1;
-    const float scale = 1.f / std::sqrt((float)HD);
+// [HD] (first half negated), and k, v written to the layer's cache [M, KVH, L, HD] at `pos`.
+void rope_and_store(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
+                    const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L, long pos) {
+    const long half = HD / 2;
     for (long m = 0; m < M; m++) {
         for (long h = 0; h < H + KVH; h++) {
             float* t = h < H ? q + m * ldq + h * HD : k + m * ldk + (h - H) * HD;
@@ -321,34 +335,91 @@ void ty_attend(float* q, long ldq, float* k, long ldk, const float* v, long ldv,
             std::memcpy(vc + ((m * KVH + h) * L + pos) * HD, v + m * ldv + h * HD, HD * sizeof(float));
         }
     }
-#pragma omp parallel num_threads(nt)
-    {
-        std::vector<float> p(S);
+}
+
+// Each query head attends to cache positions 0..pos of its KV head (GQA: consecutive query heads share one);
+// out [M, H·HD]. Worksharing over (row, head) inside a parallel region.
+void attend_region(const float* q, long ldq, const float* kc, const float* vc, long M, long H, long KVH, long HD,
+                   long L, long pos, float* out) {
+    const long rep = H / KVH, S = pos + 1;
+    const float scale = 1.f / std::sqrt((float)HD);
+    std::vector<float> p(S);
 #pragma omp for schedule(static)
-        for (long mh = 0; mh < M * H; mh++) {
-            const long m = mh / H, h = mh % H, g = h / rep;
-            const float* qh = q + m * ldq + h * HD;
-            const float* kh = kc + (m * KVH + g) * L * HD;
-            const float* vh = vc + (m * KVH + g) * L * HD;
-            float mx = -INFINITY;
-            for (long j = 0; j < S; j++) {
-                float d = 0.f;
-                for (long e = 0; e < HD; e++) d += qh[e] * kh[j * HD + e];
-                p[j] = d * scale;
-                mx = std::max(mx, p[j]);
-            }
-            float den = 0.f;
-            for (long j = 0; j < S; j++) {
-                p[j] = std::exp(p[j] - mx);
-                den += p[j];
-            }
-            float* o = out + m * H * HD + h * HD;
-            for (long e = 0; e < HD; e++) o[e] = 0.f;
-            for (long j = 0; j < S; j++) {
-                const float w = p[j] / den;
-                for (long e = 0; e < HD; e++) o[e] += w * vh[j * HD + e];
-            }
+    for (long mh = 0; mh < M * H; mh++) {
+        const long m = mh / H, h = mh % H, g = h / rep;
+        const float* qh = q + m * ldq + h * HD;
+        const float* kh = kc + (m * KVH + g) * L * HD;
+        const float* vh = vc + (m * KVH + g) * L * HD;
+        float mx = -INFINITY;
+        for (long j = 0; j < S; j++) {
+            float d = 0.f;
+            for (long e = 0; e < HD; e++) d += qh[e] * kh[j * HD + e];
+            p[j] = d * scale;
+            mx = std::max(mx, p[j]);
         }
+        float den = 0.f;
+        for (long j = 0; j < S; j++) {
+            p[j] = std::exp(p[j] - mx);
+            den += p[j];
+        }
+        float* o = out + m * H * HD + h * HD;
+        for (long e = 0; e < HD; e++) o[e] = 0.f;
+        for (long j = 0; j < S; j++) {
+            const float w = p[j] / den;
+            for (long e = 0; e < HD; e++) o[e] += w * vh[j * HD + e];
+        }
+    }
+}
+
+void ty_attend(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
+               const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L, long pos,
+               float* out, int nt) {
+    rope_and_store(q, ldq, k, ldk, v, ldv, cos, sin, kc, vc, M, H, KVH, HD, L, pos);
+#pragma omp parallel num_threads(nt)
+    attend_region(q, ldq, kc, vc, M, H, KVH, HD, L, pos, out);
+}
+
+// One layer's weights for ty_decode: norms, fused q/k/v, o, fused gate/up, down.
+struct Layer {
+    const float* ln1;
+    const float* ln2;
+    Proj qkv, o, gu, down;
+};
+
+// The whole decode step of n_layer blocks for x [M, D] (updated in place), in one parallel region: one thread
+// does the small serial parts (norms, RoPE, cache writes, SwiGLU, residuals, activation rounding), all share
+// the projections and the attention. kcache/vcache: [n_layer, M, KVH, L, HD].
+void ty_decode(float* x, long M, long D, long H, long KVH, long HD, long F, float eps, const Layer* layers,
+               long n_layer, const float* cos, const float* sin, float* kcache, float* vcache, long L, long pos,
+               int nt) {
+    const long wq = layers[0].qkv.N8, wgu = layers[0].gu.N8, wd = layers[0].o.N8;
+    std::vector<float> h(M * D), qkv(M * wq), att(M * H * HD), o(M * wd), gu(M * wgu), a(M * F), dn(M * wd);
+    Act act;
+    const long layer_stride = M * KVH * L * HD;
+#pragma omp parallel num_threads(nt)
+    for (long l = 0; l < n_layer; l++) {
+        const Layer& ly = layers[l];
+        float* kc = kcache + l * layer_stride;
+        float* vc = vcache + l * layer_stride;
+#pragma omp single
+        ty_rmsnorm(x, ly.ln1, eps, h.data(), M, D);
+        gemm_region(h.data(), M, ly.qkv, qkv.data(), act);
+#pragma omp single
+        rope_and_store(qkv.data(), wq, qkv.data() + H * HD, wq, qkv.data() + (H + KVH) * HD, wq, cos, sin, kc, vc, M,
+                       H, KVH, HD, L, pos);
+        attend_region(qkv.data(), wq, kc, vc, M, H, KVH, HD, L, pos, att.data());
+        gemm_region(att.data(), M, ly.o, o.data(), act);
+#pragma omp single
+        {
+            ty_add2(x, o.data(), wd, M, D);
+            ty_rmsnorm(x, ly.ln2, eps, h.data(), M, D);
+        }
+        gemm_region(h.data(), M, ly.gu, gu.data(), act);
+#pragma omp single
+        ty_silu_mul(gu.data(), gu.data() + F, wgu, a.data(), M, F);
+        gemm_region(a.data(), M, ly.down, dn.data(), act);
+#pragma omp single
+        ty_add2(x, dn.data(), wd, M, D);
     }
 }
 

@@ -97,8 +97,9 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.ty_add2.argtypes = [_P, _P, _L, _L, _L]
     lib.ty_silu_mul.argtypes = [_P, _P, _L, _P, _L, _L]
     lib.ty_attend.argtypes = [_P, _L, _P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _P, _I]
+    lib.ty_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _L, _P, _P, _P, _P, _L, _L, _I]
     for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_rmsnorm, lib.ty_add2,
-              lib.ty_silu_mul, lib.ty_attend):
+              lib.ty_silu_mul, lib.ty_attend, lib.ty_decode):
         f.restype = None
     return lib
 
@@ -125,6 +126,19 @@ def simd() -> str:
     """"avx2" or "scalar": which path the loaded library was compiled with."""
     lib = _load()
     return "none" if lib is None else ("avx2" if lib.ty_simd() == 2 else "scalar")
+
+
+class Proj(ctypes.Structure):
+    """native.cpp's `Proj`: one projection's kernel operands."""
+
+    _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
+                ("int8", _I)]
+
+
+class Layer(ctypes.Structure):
+    """native.cpp's `Layer`: one block's norms and projections for `ty_decode`."""
+
+    _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", Proj), ("o", Proj), ("gu", Proj), ("down", Proj)]
 
 
 # ------------------------------------------------------------------------------------------ layout
