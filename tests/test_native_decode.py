@@ -71,3 +71,14 @@ def test_fast_decode_steps_aside_when_it_does_not_apply() -> None:
     cache = KVCache(cfg, 1, 16, torch.float32, "cpu")
     m(ids[:1], cache=cache)
     assert hook(m.model.embed_tokens(ids[:1, :1]), *m.rope(None, 4, 1, torch.float32, "cpu"), cache) is None
+
+
+def test_a_deep_copy_gets_its_own_decoder() -> None:
+    import copy
+
+    m, cfg = _model(2, 4)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 4))
+    before = _decode(m, cfg, prompt, 3, fast=True)
+    c = copy.deepcopy(m)
+    assert c.fast_decode is not m.fast_decode and c.fast_decode.model is c
+    torch.testing.assert_close(_decode(c, cfg, prompt, 3, fast=True), before, rtol=0, atol=0)

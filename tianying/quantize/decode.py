@@ -128,20 +128,24 @@ def attach(model: torch.nn.Module) -> bool:
     """Give `model` a native decode step when every projection qualifies; returns whether it did."""
     if not hasattr(model, "fast_decode") or not NativeDecoder.supported(model):
         return False
-    model.fast_decode = _Hook(NativeDecoder(model))
+    model.fast_decode = _Hook(model)
     return True
 
 
 class _Hook:
-    """Rebuilds the decoder when the model's projections changed since it was built, drops it when they no
-    longer qualify."""
+    """Builds the decoder on first use, rebuilds it when the model's projections changed since, and declines
+    (None) when they no longer qualify. Copies and pickles carry only the model reference (the decoder holds
+    raw pointers), so `copy.deepcopy(model)` gets a hook of its own."""
 
-    def __init__(self, dec: NativeDecoder) -> None:
-        self.dec = dec
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.dec = model, None
 
     def __call__(self, x, cos, sin, cache):  # noqa: ANN001, ANN204
-        if not self.dec.still_valid():
-            if not NativeDecoder.supported(self.dec.model):
+        if self.dec is None or not self.dec.still_valid():
+            if not NativeDecoder.supported(self.model):
                 return None
-            self.dec = NativeDecoder(self.dec.model)
+            self.dec = NativeDecoder(self.model)
         return self.dec(x, cos, sin, cache)
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model, "dec": None}
