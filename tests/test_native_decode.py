@@ -21,6 +21,16 @@ def _model(n_kv_head: int, bits: int, seed: int = 0):
     return m, cfg
 
 
+def _counting(hook, calls: list):  # noqa: ANN001, ANN202 - counts the steps the native decoder really took
+    def f(*a):  # noqa: ANN002, ANN202
+        r = hook(*a)
+        if r is not None:
+            calls.append(1)
+        return r
+
+    return f
+
+
 def _decode(m, cfg, prompt: torch.Tensor, steps: int, fast: bool) -> torch.Tensor:  # noqa: ANN001
     hook = m.fast_decode
     m.fast_decode = hook if fast else None
@@ -45,7 +55,7 @@ def test_native_decode_equals_the_pytorch_path(n_kv_head: int, bits: int, batch:
     prompt = torch.randint(0, cfg.vocab_size, (batch, 5))
     calls = []
     hook = m.fast_decode
-    m.fast_decode = lambda *a: calls.append(1) or hook(*a)
+    m.fast_decode = _counting(hook, calls)
     fast = _decode(m, cfg, prompt, 6, fast=True)
     assert len(calls) == 6  # every one-token step, not the prompt
     m.fast_decode = hook
@@ -62,7 +72,7 @@ def test_fast_decode_steps_aside_when_it_does_not_apply() -> None:
     m(ids, cache=cache, pad_mask=pad)
     calls = []
     hook = m.fast_decode
-    m.fast_decode = lambda *a: calls.append(1) or hook(*a)
+    m.fast_decode = _counting(hook, calls)
     m(ids[:, :1], cache=cache, pad_mask=torch.ones(2, 1, dtype=torch.bool))
     assert calls == []
     # a replaced projection (e.g. a LoRA wrapper) makes the hook decline
@@ -82,3 +92,32 @@ def test_a_deep_copy_gets_its_own_decoder() -> None:
     c = copy.deepcopy(m)
     assert c.fast_decode is not m.fast_decode and c.fast_decode.model is c
     torch.testing.assert_close(_decode(c, cfg, prompt, 3, fast=True), before, rtol=0, atol=0)
+
+
+def test_act_order_layers_decode_natively() -> None:
+    """GPTQ act-order: one column order per input (q/k/v share one, gate/up another), gathered in C."""
+    from tianying.quantize import QuantLinear
+    from tianying.quantize.linear import QuantSpec, quantize_rtn, set_submodule
+
+    cfg = Config(vocab_size=96, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=160,
+                 max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    spec = QuantSpec(4, 32, True)
+    for block in m.model.layers:
+        perms = {64: torch.randperm(64), 160: torch.randperm(160)}
+        for name, lin in [(n, mod) for n, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)]:
+            perm = perms[lin.in_features]
+            q, s, z = quantize_rtn(lin.weight.detach()[:, perm], spec)
+            set_submodule(block, name, QuantLinear.from_int(q, s, z, spec, perm=perm))
+    from tianying.quantize.decode import attach
+
+    assert attach(m)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    calls = []
+    hook = m.fast_decode
+    m.fast_decode = _counting(hook, calls)
+    fast = _decode(m, cfg, prompt, 4, fast=True)
+    assert len(calls) == 4
+    m.fast_decode = hook
+    torch.testing.assert_close(fast, _decode(m, cfg, prompt, 4, fast=False), rtol=1e-4, atol=1e-4)

@@ -11,8 +11,9 @@ the fused tensor (no second copy). The LM head stays an ordinary (quantized or f
 
 `Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
 padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
-whose projections are not all native-layout `QuantLinear`s without act-order or bias, takes the ordinary
-path. The result equals the ordinary path up to summation order (tests/test_native_decode.py).
+whose projections are not all native-layout `QuantLinear`s without bias (act-order is fine: the columns are
+gathered while the activations are rounded), takes the ordinary path. The result equals the ordinary path
+up to summation order (tests/test_native_decode.py).
 """
 
 from __future__ import annotations
@@ -55,19 +56,22 @@ class _Proj:
         self.K, self.N8 = m.in_features, self.weight.shape[0] * 8
         kb, s, oz = self.ops[0], self.ops[1], self.ops[2]
         ptr = None if oz is None else oz.data_ptr()
+        self.perm = None if m.perm is None else m.perm.to(torch.int64).contiguous()  # shared by all (`fusable`)
         self.struct = native.Proj(self.weight.data_ptr(), s.data_ptr(), ptr if self.int8 else None,
                                   None if self.int8 else ptr, self.N8, self.K, kb, 1 if self.int8 else s.shape[1],
-                                  int(self.int8))
+                                  int(self.int8), None if self.perm is None else self.perm.data_ptr())
 
     @staticmethod
     def fusable(mods: list[QuantLinear]) -> bool:
         m = mods[0]
-        return all(x.layout == m.layout and x.in_features == m.in_features and x.spec == m.spec
-                   and x.out_features % 8 == 0 for x in mods)
+        same_perm = all((x.perm is None) == (m.perm is None) and (m.perm is None or torch.equal(x.perm, m.perm))
+                        for x in mods)  # GPTQ act-order: q/k/v (and gate/up) see one input, so one Hessian order
+        return same_perm and all(x.layout == m.layout and x.in_features == m.in_features and x.spec == m.spec
+                                 and x.out_features % 8 == 0 for x in mods)
 
 def _eligible(m: object) -> bool:
-    return (type(m) is QuantLinear and m.layout in ("int8_x8", "int4_x8") and m.perm is None and m.bias is None
-            and m.cache_ops and m.backend != "reference")
+    return (type(m) is QuantLinear and m.layout in ("int8_x8", "int4_x8") and m.bias is None and m.cache_ops
+            and m.backend != "reference")
 
 
 class NativeDecoder:

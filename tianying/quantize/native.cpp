@@ -57,11 +57,19 @@ struct Act {
     std::vector<int32_t> sum;  // [MB][K / kb]: Σ xq over the block
 };
 
-void quantize_act(const float* x, long M, long K, long kb, Act& a) {
+// perm (act-order, may be null): stored column k reads input column perm[k]
+void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t* perm = nullptr) {
     const long nb = K / kb;
     a.q.resize(M * K);
     a.scale.resize(M * nb);
     a.sum.resize(M * nb);
+    std::vector<float> gathered;
+    if (perm) {
+        gathered.resize(M * K);
+        for (long m = 0; m < M; m++)
+            for (long k = 0; k < K; k++) gathered[m * K + k] = x[m * K + perm[k]];
+        x = gathered.data();
+    }
     for (long m = 0; m < M; m++)
         for (long b = 0; b < nb; b++) {
             const float* xb = x + m * K + b * kb;
@@ -187,7 +195,8 @@ void i4_block(const Act& a, long K, long kb, const uint8_t* wb, const uint16_t* 
 #endif
 }
 
-// A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros.
+// A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros, perm: act-order
+// column order (or null).
 struct Proj {
     const void* w;
     const void* s;
@@ -195,6 +204,7 @@ struct Proj {
     const uint8_t* z;
     long N8, K, kb, G;
     int int8;
+    const int64_t* perm;
 };
 
 // Called by every thread of an enclosing parallel region (orphaned worksharing): rows of 8 outputs split
@@ -219,7 +229,7 @@ void gemm_region(const float* x, long M, const Proj& p, float* y, Act& a) {
         const long left = M - m0;
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 #pragma omp single
-        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a);
+        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm);
         float* ym = y + m0 * p.N8;
         if (mb == 8) gemm_rows<8>(a, p, ym);
         else if (mb == 4) gemm_rows<4>(a, p, ym);
@@ -251,13 +261,13 @@ int ty_simd() {
 // int8: w x8p layout, s/o fp32 [N] (o = 128 − z, or null when symmetric).
 void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, const float* s, const float* o, float* y,
                 long N, int nt) {
-    gemm(x, M, Proj{w, s, o, nullptr, N, K, kb, 1, 1}, y, nt);
+    gemm(x, M, Proj{w, s, o, nullptr, N, K, kb, 1, 1, nullptr}, y, nt);
 }
 
 // int4: w x8q layout, s fp16 bits / z uint8 [N/8][G][8]; kb divides the group size K / G and is a multiple of 4.
 void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, const uint16_t* s, const uint8_t* z,
                 long G, float* y, long N, int nt) {
-    gemm(x, M, Proj{w, s, nullptr, z, N, K, kb, G, 0}, y, nt);
+    gemm(x, M, Proj{w, s, nullptr, z, N, K, kb, G, 0, nullptr}, y, nt);
 }
 
 // Rows [n0, n1) of Ŵ (n0, n1 multiples of 8) into out [(n1 − n0), K] fp32, with the reference's

@@ -132,7 +132,7 @@ class Proj(ctypes.Structure):
     """native.cpp's `Proj`: one projection's kernel operands."""
 
     _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
-                ("int8", _I)]
+                ("int8", _I), ("perm", _P)]
 
 
 class Layer(ctypes.Structure):
