@@ -133,6 +133,9 @@ def run_variant(args: argparse.Namespace, variant: str, path: Path) -> dict:
     from tianying.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
+    from tianying.memory import return_freed_memory
+
+    return_freed_memory()  # as LLM.load does on CPU
     base = _rss("VmRSS:")
     if is_quantized_checkpoint(path):  # its default: fp32 activations on CPU (the native kernels' input)
         from tianying.quantize import load

@@ -53,6 +53,10 @@ class LLM:
             raise TianyingError(f"{path} is not a checkpoint directory")
         from tianying.quantize.format import is_quantized_checkpoint
 
+        if torch.device(device).type == "cpu":  # prefill transients go back to the OS (see tianying.memory)
+            from tianying.memory import return_freed_memory
+
+            return_freed_memory()
         extras = {k: v for k, v in dict(lora=lora, quantize=quantize, memory_limit=memory_limit).items() if v}
         if extras or is_quantized_checkpoint(path):
             model, config = _load_with_extras(path, device, dtype, **extras)

@@ -178,23 +178,9 @@ def _hwm() -> int:
 
 
 def _return_freed_memory(threshold: int) -> bool:
-    """Make glibc give activation-sized blocks back to the OS when torch frees them (CPU training).
+    from tianying.memory import return_freed_memory
 
-    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which every
-    activation tensor comes from the heap, and a freed heap is kept and fragments rather than shrinking. A step
-    whose tensors are freed and re-made in a different order then needs fresh pages: the measured peak resident
-    set of LoRA was above full finetuning's (1.6 vs 1.4 GiB on the benchmark model) although LoRA keeps less.
-    A fixed threshold (which also turns the adaptation off) maps such blocks on their own and unmaps them on
-    free. Returns whether glibc took the setting (False on other C libraries).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return return_freed_memory(threshold)
 
 
 # ============================================================================================= recipe
