@@ -121,3 +121,14 @@ def test_act_order_layers_decode_natively() -> None:
     assert len(calls) == 4
     m.fast_decode = hook
     torch.testing.assert_close(fast, _decode(m, cfg, prompt, 4, fast=False), rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_positions_take_the_ordinary_path() -> None:
+    """Rows at different rotary positions (left-padded batches pass their own) are not the native step's case."""
+    m, cfg = _model(4, 8)
+    cache = KVCache(cfg, 2, 16, torch.float32, "cpu")
+    m(torch.randint(0, cfg.vocab_size, (2, 4)), cache=cache)
+    calls = []
+    m.fast_decode = _counting(m.fast_decode, calls)
+    m(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache, positions=torch.tensor([[4], [2]]))
+    assert calls == []

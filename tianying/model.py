@@ -374,7 +374,8 @@ class Transformer(nn.Module):
             qscale = qscale.to(x.dtype)
         fast = None
         if (self.fast_decode is not None and T == 1 and mask is None and not is_causal and qscale is None
-                and type(cache) is KVCache and not self.training and not self.config.attention_window):
+                and positions is None and type(cache) is KVCache and not self.training
+                and not self.config.attention_window):
             fast = self.fast_decode(x, cos, sin, cache)
         for layer in self.model.layers if fast is None else ():
             if self.gradient_checkpointing and self.training:
