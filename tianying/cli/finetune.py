@@ -37,27 +37,13 @@ def run(args) -> int:
     from tianying.recipes.finetune import FinetuneConfig, run_finetune, write_summary
     from tianying.train.loop import load_config
 
-    flags = []
-    if args.method:
-        flags.append(f"method={args.method}")
-    if args.data:
-        flags.append(f"data={json.dumps(args.data)}")
-    if args.valid_data:
-        flags.append(f"valid_data={json.dumps(args.valid_data)}")
-    if args.checkpoint:
-        flags.append(f"checkpoint={json.dumps(args.checkpoint)}")
-    if args.out_dir:
-        flags.append(f"out_dir={json.dumps(args.out_dir)}")
-    if args.skip_bad:
-        flags.append("skip_bad=true")
-    if args.activation_checkpointing:
-        flags.append("activation_checkpointing=true")
-    if args.grad_accum:
-        flags.append(f"gradient_accumulation_steps={args.grad_accum}")
-    if args.pack:
-        flags.append("pack=true")
-    if args.bf16:
-        flags.append("precision=bf16")
+    # command-line flags as config overrides (key=value, as after --config); later overrides win
+    values = {"method": args.method, "data": args.data, "valid_data": args.valid_data,
+              "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum}
+    flags = [f"{k}={v if k == 'method' else json.dumps(v)}" for k, v in values.items() if v]
+    switches = {"skip_bad=true": args.skip_bad, "activation_checkpointing=true": args.activation_checkpointing,
+                "pack=true": args.pack, "precision=bf16": args.bf16}
+    flags += [flag for flag, on in switches.items() if on]
     cfg = load_config(FinetuneConfig, args.config, flags + list(args.overrides))
     res = run_finetune(cfg, resume=args.resume)
     write_summary(res, cfg)
