@@ -271,9 +271,6 @@ def _forced_backend() -> str:
     return os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower()
 
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_NOT_NATIVE = ("reference", "aten")
-
 
 class QuantLinear(nn.Module):
     """y = x·Ŵᵀ + b with Ŵ stored as integers (see module docstring); a drop-in for `nn.Linear` at inference.
@@ -425,8 +422,8 @@ class QuantLinear(nn.Module):
             return "reference"
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return "reference"
-        if self.layout in ("int8_x8", "int4_x8"):
-            return "native"
+        if self.layout in ("int8_x8", "int4_x8"):  # (their layouts serve no other kernel)
+            return "native" if _forced_backend() != "aten" else "reference"
         if self.layout == "int8" and self.scales.shape[0] == 1 and _probe("int8_cpu"):
             return "int8_cpu"
         if self.layout == "tinygemm_cpu":
@@ -436,11 +433,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        if (self.layout == "int8_x8" or self.layout == "int4_x8") and x.device.type == "cpu" and \
-                self.backend != "reference" and x.dtype in _FLOATS and _forced_backend() not in _NOT_NATIVE:
-            path = "native"  # the decode hot path (~85 calls per token): checks kept to a minimum
-        else:
-            path = self.kernel(x)
+        path = self.kernel(x)
         if path != "reference":
             try:
                 y = self._forward_fast(x, path)
@@ -473,15 +466,14 @@ class QuantLinear(nn.Module):
                 y = y[:, :N]
             if dtype != torch.float32:
                 y = y.to(dtype)
-            return y.view(*shape[:-1], N) if y.is_contiguous() else y.reshape(*shape[:-1], N)
-        else:
-            y = torch.empty(M, N, dtype=torch.float32)
-            step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features // 8 * 8)
-            buf = torch.empty(min(step, N + 7), self.in_features, dtype=torch.float32)
-            for n0 in range(0, N, step):
-                n1 = min(N, n0 + step)
-                w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, ops, n0, n1, buf)
-                y[:, n0:n1] = x2 @ w.t()
+            return y.reshape(*shape[:-1], N)
+        y = torch.empty(M, N, dtype=torch.float32)
+        step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features // 8 * 8)
+        buf = torch.empty(min(step, N + 7), self.in_features, dtype=torch.float32)
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, ops, n0, n1, buf)
+            y[:, n0:n1] = x2 @ w.t()
         return y.to(dtype).reshape(*shape[:-1], N)
 
     def _forward_fast(self, x: torch.Tensor, path: str) -> torch.Tensor:

@@ -249,14 +249,6 @@ void gemm(const float* x, long M, const Proj& p, float* y, int nt) {
 
 extern "C" {
 
-int ty_simd() {
-#ifdef TY_AVX2
-    return 2;
-#else
-    return 0;
-#endif
-}
-
 // x [M, K] fp32 contiguous; activation block kb (even, divides K, ≤ 256); y [M, N] fp32 with N % 8 == 0.
 // int8: w x8p layout, s/o fp32 [N] (o = 128 − z, or null when symmetric).
 void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, const float* s, const float* o, float* y,
@@ -299,11 +291,14 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* sc, const uint8_t* z, long 
         }
 }
 
+}  // extern "C"
+
 // ------------------------------------------------------------------------------------------ decode glue
 // The non-matmul parts of one decode step (one new token per row), in fp32, and the whole step.
+namespace {
 
 // out[m] = x[m] · rsqrt(eps + Σ x[m]² / D) · w
-void ty_rmsnorm(const float* x, const float* w, float eps, float* out, long M, long D) {
+void rmsnorm(const float* x, const float* w, float eps, float* out, long M, long D) {
     for (long m = 0; m < M; m++) {
         const float* xm = x + m * D;
         float ss = 0.f;
@@ -314,13 +309,13 @@ void ty_rmsnorm(const float* x, const float* w, float eps, float* out, long M, l
 }
 
 // x[m, :D] += y[m, :D], y rows with stride ld
-void ty_add2(float* x, const float* y, long ld, long M, long D) {
+void add_rows(float* x, const float* y, long ld, long M, long D) {
     for (long m = 0; m < M; m++)
         for (long d = 0; d < D; d++) x[m * D + d] += y[m * ld + d];
 }
 
 // out[m, f] = silu(g[m, f]) · u[m, f]; g, u rows have stride ld (the kernels' padded width)
-void ty_silu_mul(const float* g, const float* u, long ld, float* out, long M, long F) {
+void silu_mul(const float* g, const float* u, long ld, float* out, long M, long F) {
     for (long m = 0; m < M; m++)
         for (long f = 0; f < F; f++) {
             const float a = g[m * ld + f];
@@ -381,20 +376,16 @@ void attend_region(const float* q, long ldq, const float* kc, const float* vc, l
     }
 }
 
-void ty_attend(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
-               const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L, long pos,
-               float* out, int nt) {
-    rope_and_store(q, ldq, k, ldk, v, ldv, cos, sin, kc, vc, M, H, KVH, HD, L, pos);
-#pragma omp parallel num_threads(nt)
-    attend_region(q, ldq, kc, vc, M, H, KVH, HD, L, pos, out);
-}
-
 // One layer's weights for ty_decode: norms, fused q/k/v, o, fused gate/up, down.
 struct Layer {
     const float* ln1;
     const float* ln2;
     Proj qkv, o, gu, down;
 };
+
+}  // namespace
+
+extern "C" {
 
 // The whole decode step of n_layer blocks for x [M, D] (updated in place), in one parallel region: one thread
 // does the small serial parts (norms, RoPE, cache writes, SwiGLU, residuals, activation rounding), all share
@@ -412,7 +403,7 @@ void ty_decode(float* x, long M, long D, long H, long KVH, long HD, long F, floa
         float* kc = kcache + l * layer_stride;
         float* vc = vcache + l * layer_stride;
 #pragma omp single
-        ty_rmsnorm(x, ly.ln1, eps, h.data(), M, D);
+        rmsnorm(x, ly.ln1, eps, h.data(), M, D);
         gemm_region(h.data(), M, ly.qkv, qkv.data(), act);
 #pragma omp single
         rope_and_store(qkv.data(), wq, qkv.data() + H * HD, wq, qkv.data() + (H + KVH) * HD, wq, cos, sin, kc, vc, M,
@@ -421,15 +412,15 @@ void ty_decode(float* x, long M, long D, long H, long KVH, long HD, long F, floa
         gemm_region(att.data(), M, ly.o, o.data(), act);
 #pragma omp single
         {
-            ty_add2(x, o.data(), wd, M, D);
-            ty_rmsnorm(x, ly.ln2, eps, h.data(), M, D);
+            add_rows(x, o.data(), wd, M, D);
+            rmsnorm(x, ly.ln2, eps, h.data(), M, D);
         }
         gemm_region(h.data(), M, ly.gu, gu.data(), act);
 #pragma omp single
-        ty_silu_mul(gu.data(), gu.data() + F, wgu, a.data(), M, F);
+        silu_mul(gu.data(), gu.data() + F, wgu, a.data(), M, F);
         gemm_region(a.data(), M, ly.down, dn.data(), act);
 #pragma omp single
-        ty_add2(x, dn.data(), wd, M, D);
+        add_rows(x, dn.data(), wd, M, D);
     }
 }
 

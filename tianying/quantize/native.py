@@ -11,8 +11,7 @@ product per layer, bound by how fast the weights stream from memory, so `native.
 - stores the weights with 8 output rows interleaved, so each thread streams one sequential run and keeps
   8 outputs in one vector; one pass over the weights serves up to 8 activation rows.
 Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the BLAS GEMM
-(`QuantLinear` decides). `tianying.quantize.decode` also uses the library's fp32 RMSNorm / RoPE /
-attention / SwiGLU helpers for a whole decode step.
+(`QuantLinear` decides). `ty_decode` runs a whole decode step for `tianying.quantize.decode`.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
 when torch reports an AVX2/AVX512 CPU. The library is cached under `$TIANYING_CACHE` (default
@@ -93,13 +92,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P, _L, _I]
     lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _P, _I]
-    lib.ty_rmsnorm.argtypes = [_P, _P, ctypes.c_float, _P, _L, _L]
-    lib.ty_add2.argtypes = [_P, _P, _L, _L, _L]
-    lib.ty_silu_mul.argtypes = [_P, _P, _L, _P, _L, _L]
-    lib.ty_attend.argtypes = [_P, _L, _P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _L, _P, _I]
     lib.ty_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _L, _P, _P, _P, _P, _L, _L, _I]
-    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_rmsnorm, lib.ty_add2,
-              lib.ty_silu_mul, lib.ty_attend, lib.ty_decode):
+    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_decode):
         f.restype = None
     return lib
 
@@ -122,12 +116,6 @@ def available() -> bool:
     return _load() is not None
 
 
-def simd() -> str:
-    """"avx2" or "scalar": which path the loaded library was compiled with."""
-    lib = _load()
-    return "none" if lib is None else ("avx2" if lib.ty_simd() == 2 else "scalar")
-
-
 class Proj(ctypes.Structure):
     """native.cpp's `Proj`: one projection's kernel operands."""
 
@@ -147,10 +135,6 @@ def _rows_x8(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
     N, C = t.shape
     t = torch.nn.functional.pad(t, (0, 0, 0, -N % 8), value=fill)
     return t.reshape(-1, 8, C).transpose(1, 2).contiguous()
-
-
-def _unrows_x8(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
 
 
 def _pairs(t: torch.Tensor) -> torch.Tensor:
