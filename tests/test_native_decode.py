@@ -132,3 +132,15 @@ def test_explicit_positions_take_the_ordinary_path() -> None:
     m.fast_decode = _counting(m.fast_decode, calls)
     m(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache, positions=torch.tensor([[4], [2]]))
     assert calls == []
+
+
+def test_dtype_round_trip_rebuilds_the_decoder() -> None:
+    """`.to(bf16)` then `.float()` gives the norms new storage: the decoder must not keep the old addresses."""
+    m, cfg = _model(2, 8)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 4))
+    before = _decode(m, cfg, prompt, 3, fast=True)
+    m.to(torch.bfloat16).float()
+    calls = []
+    m.fast_decode = _counting(m.fast_decode, calls)
+    torch.testing.assert_close(_decode(m, cfg, prompt, 3, fast=True), before, rtol=2e-2, atol=2e-2)
+    assert len(calls) == 3

@@ -32,7 +32,6 @@ class _Proj:
 
     def __init__(self, mods: list[QuantLinear]) -> None:
         m = mods[0]
-        self.modules = mods
         self.int8 = m.layout == "int8_x8"
         ops = [native.operands(x.scales, x.zeros, self.int8, x.in_features) for x in mods]
         if len(mods) == 1:
@@ -52,7 +51,6 @@ class _Proj:
                             torch.cat([o[3] for o in ops]))
             else:
                 self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat([o[2] for o in ops]))
-        self.views = [x.qweight for x in mods]
         self.K, self.N8 = m.in_features, self.weight.shape[0] * 8
         kb, s, oz = self.ops[0], self.ops[1], self.ops[2]
         ptr = None if oz is None else oz.data_ptr()
@@ -81,21 +79,23 @@ class NativeDecoder:
         cfg = model.config
         self.model = model
         self.D, self.H, self.KVH, self.HD = cfg.hidden_size, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.layers = []
+        self.projs = []  # keeps the fused weights and operands behind the raw pointers alive
         self.watch = []  # (parent, attribute, module, qweight): what must not change under the decoder
+        self.norms = []  # (RMSNorm, weight address): `.to()` swaps a parameter's storage in place
+        layers = []
         for block in model.model.layers:
             q, k, v, o, g, u, d = (block.get_submodule(n) for n in PROJECTIONS)
-            qkv, gu = _Proj([q, k, v]), _Proj([g, u])  # fused: one product each (`supported` checked it)
-            norms = (block.input_layernorm, block.post_attention_layernorm)
-            self.layers.append((block, qkv, _Proj([o]), gu, _Proj([d]), norms))
+            projs = (_Proj([q, k, v]), _Proj([o]), _Proj([g, u]), _Proj([d]))  # fused (`supported` checked)
+            self.projs.append(projs)
+            n1, n2 = block.input_layernorm, block.post_attention_layernorm
+            self.norms += [(n, n.weight.data_ptr()) for n in (n1, n2)]
+            layers.append(native.Layer(n1.weight.data_ptr(), n2.weight.data_ptr(), *(p.struct for p in projs)))
             for name, m in zip(PROJECTIONS, (q, k, v, o, g, u, d)):
                 parent, attr = name.split(".")
                 self.watch.append((getattr(block, parent), attr, m, m.qweight))
         self.F = g.out_features
         self.eps = model.model.layers[0].input_layernorm.eps
-        self.structs = (native.Layer * len(self.layers))(*[
-            native.Layer(n1.weight.data_ptr(), n2.weight.data_ptr(), qkv.struct, o.struct, gu.struct, d.struct)
-            for _b, qkv, o, gu, d, (n1, n2) in self.layers])
+        self.structs = (native.Layer * len(layers))(*layers)
 
     @staticmethod
     def supported(model: torch.nn.Module) -> bool:
@@ -109,8 +109,10 @@ class NativeDecoder:
         return True
 
     def still_valid(self) -> bool:
-        """False once a projection was replaced or repacked (LoRA, `.to()`, a new backend...)."""
-        return all(getattr(p, a) is m and m.qweight is w for p, a, m, w in self.watch)
+        """False once a projection was replaced or repacked (LoRA, `.to()`, a new backend...) or a norm's
+        weight moved."""
+        return (all(getattr(p, a) is m and m.qweight is w for p, a, m, w in self.watch)
+                and all(n.weight.data_ptr() == ptr for n, ptr in self.norms))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:  # noqa: ANN001
         """x [B, 1, D] fp32 → the hidden state after every layer (writes this position's keys/values into
@@ -123,7 +125,7 @@ class NativeDecoder:
         cos = cos.reshape(-1, self.HD)[-1].contiguous()
         sin = sin.reshape(-1, self.HD)[-1].contiguous()
         native._LIB.ty_decode(x.data_ptr(), M, self.D, self.H, self.KVH, self.HD, self.F, self.eps, self.structs,
-                              len(self.layers), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
+                              len(self.projs), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
                               cache.max_len, cache.pos, torch.get_num_threads())
         return x.view(M, 1, self.D)
 
