@@ -6,12 +6,12 @@ views, dtype checks) cost another 7–8 ms of dispatch. `NativeDecoder` runs the
 the formulas of tianying.model) as `ty_decode` in native.cpp: RMSNorm, the projections (native kernels),
 RoPE + cache write + attention, SwiGLU and the residuals of every layer inside one OpenMP region (no thread
 wake-ups between the ~60 matrix-vector products), with every pointer prepared once. q/k/v and gate/up are
-one product each: their weights are concatenated once and the modules' `qweight` buffers become views of
-the fused tensor (no second copy). The LM head stays an ordinary (quantized or float) layer.
+one product each: their canonical weights are concatenated once and the modules' `qweight` buffers become
+views of the fused tensor (still the canonical layout, no second copy). The LM head stays an ordinary (quantized or float) layer.
 
 `Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
 padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
-whose projections are not all native-layout `QuantLinear`s without bias (act-order is fine: the columns are
+whose projections are not all `QuantLinear`s served by the native kernels, without bias (act-order is fine: the columns are
 gathered while the activations are rounded), takes the ordinary path. The result equals the ordinary path
 up to summation order (tests/test_native_decode.py).
 """
@@ -32,7 +32,7 @@ class _Proj:
 
     def __init__(self, mods: list[QuantLinear]) -> None:
         m = mods[0]
-        self.int8 = m.layout == "int8_x8"
+        self.int8 = m.spec.bits == 8
         ops = [native.operands(x.scales, x.zeros, self.int8, x.in_features) for x in mods]
         if len(mods) == 1:
             self.weight, self.ops = m.qweight, ops[0]
@@ -51,12 +51,13 @@ class _Proj:
                             torch.cat([o[3] for o in ops]))
             else:
                 self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat([o[2] for o in ops]))
-        self.K, self.N8 = m.in_features, self.weight.shape[0] * 8
+        self.K, self.N = m.in_features, self.weight.shape[0]
+        self.N8 = self.ops[1].shape[0] * (1 if self.int8 else 8)
         kb, s, oz = self.ops[0], self.ops[1], self.ops[2]
         ptr = None if oz is None else oz.data_ptr()
         self.perm = None if m.perm is None else m.perm.to(torch.int64).contiguous()  # shared by all (`fusable`)
         self.struct = native.Proj(self.weight.data_ptr(), s.data_ptr(), ptr if self.int8 else None,
-                                  None if self.int8 else ptr, self.N8, self.K, kb, 1 if self.int8 else s.shape[1],
+                                  None if self.int8 else ptr, self.N, self.N8, self.K, kb, 1 if self.int8 else s.shape[1],
                                   int(self.int8), None if self.perm is None else self.perm.data_ptr())
 
     @staticmethod
@@ -64,12 +65,12 @@ class _Proj:
         m = mods[0]
         same_perm = all((x.perm is None) == (m.perm is None) and (m.perm is None or torch.equal(x.perm, m.perm))
                         for x in mods)  # GPTQ act-order: q/k/v (and gate/up) see one input, so one Hessian order
-        return same_perm and all(x.layout == m.layout and x.in_features == m.in_features and x.spec == m.spec
-                                 and x.out_features % 8 == 0 for x in mods)
+        return same_perm and all(x.in_features == m.in_features and x.spec == m.spec and x.out_features % 8 == 0
+                                 for x in mods)
 
 def _eligible(m: object) -> bool:
-    return (type(m) is QuantLinear and m.layout in ("int8_x8", "int4_x8") and m.bias is None and m.cache_ops
-            and m.backend != "reference")
+    return (type(m) is QuantLinear and m.path_for(torch.float32) == "native" and m.bias is None and m.cache_ops
+            and m.qweight.is_contiguous())
 
 
 class NativeDecoder:

@@ -14,20 +14,24 @@ holds with the stored scale. int8 is per output channel (one group spanning the 
 along the input dimension (group size 32/64/128). Act-order (GPTQ `desc_act`) stores the columns in a
 permuted order `perm` so that each group is contiguous; the layer gathers `x[..., perm]` before the matmul.
 
-Kernels, chosen at run time with a clean fallback to the reference path (dequantize, then `F.linear`),
-which runs on every device and dtype:
-- int8, symmetric or not, per channel, CPU: `aten._weight_int8pack_mm(x, q − 128, s)` computes x·(q'·s)ᵀ;
-  the asymmetric offset s·(128 − z) adds a rank-one term Σx ⊗ s(128 − z).
-- int4, CPU, group size 32/64/128/256: `aten._weight_int4pack_mm_for_cpu` (tinygemm layout from
-  `_convert_weight_to_int4pack_for_cpu`), which computes ŵ = s'(q − 8) + z'; ours maps exactly with s' = s,
-  z' = s(8 − z). The kernel wants out_features % 32 == 0; other widths (an LM head of 100,008 rows) are
-  padded with zero rows to the next multiple of 32 and the extra outputs dropped.
+One source of truth. A layer's integer weights exist once, in a canonical layout that every CPU reads the
+same way: `qweight` int8 [N, K] holding q − 128 (8 bits) or uint8 [N, K/2] nibbles, column 2c in the low
+nibble of byte c (4 bits), with `scales`, `zeros` and `perm`. Dequantize, save (GPTQ words are packed from
+it), LoRA merge, `.to()` and every kernel start from these tensors; a layout owned by a library (PyTorch's
+int4pack, whose byte order depends on the instruction set torch dispatches to) is an opaque per-process
+cache made from them and never read back, unpacked or saved.
 
-Both kernels are only fast with bf16 activations on AVX2 CPUs (measured: 2048×768 int8 at batch 1,
-0.59 ms fp32 vs 0.09 ms bf16 incl. the conversion; at batch 512 2.5 s vs 0.13 s), so fp32/fp16 inputs are
-rounded to bf16 for the kernel and the output converted back (`QuantLinear.act_bf16`). That adds a bf16
-rounding of x (relative 2⁻⁹) on top of the weight error (int8 per channel: up to 2⁻⁸ of the row's max);
-`TIANYING_QUANT_BACKEND=reference` (or `act_bf16 = False`) keeps fp32 activations exactly.
+Backends (`TIANYING_QUANT_BACKEND=auto|native|aten|reference`; auto tries them in this order):
+- native: tianying/quantize/native.cpp, reading the canonical tensors in place (fp32 activations).
+- aten: `aten._weight_int8pack_mm(x, q − 128, s)` computes x·(q'·s)ᵀ (the canonical int8 tensor is its
+  operand; the asymmetric offset s·(128 − z) adds a rank-one term Σx ⊗ s(128 − z)); int4 with group size
+  32/64/128/256: `aten._weight_int4pack_mm_for_cpu` on the int4pack cache, ŵ = s'(q − 8) + z' with s' = s,
+  z' = s(8 − z); it wants out_features % 32 == 0, so other widths are padded with zero rows. These kernels
+  are only fast in bf16, so fp32/fp16 inputs are rounded to bf16 for them (`QuantLinear.act_bf16`).
+- reference: dequantize, then `F.linear`: pure PyTorch, every device and dtype, no compiler.
+Each fast backend checks itself on first use in the process (`self_check`): its product on a small probe
+must equal the reference within the analytic bound of its arithmetic; one that does not is switched off
+for the process with one warning naming it, and the next backend serves.
 
 Group sizes. GPTQ-format files carry one group size for the whole model. `group_size=None` means "the
 default" (128 for int4): when it does not divide some layer's input width (the demo model's FFN width 688),
@@ -234,19 +238,6 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-def unpack_tinygemm_cpu(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_convert_weight_to_int4pack_for_cpu` for N % 32 == 0.
-
-    Layout (read off the op, pinned by a test): rows in blocks of 32; for each column k a block stores 16
-    bytes, byte j = row j (low nibble) | row j+16 (high nibble): [N/32, K, 16] flattened to [N, K/2].
-    """
-    N = p.shape[0]
-    K = p.shape[1] * 2
-    b = p.reshape(N // 32, K, 16)
-    rows = torch.stack([b & 0xF, b >> 4], dim=2)  # [N/32, K, 2, 16]
-    return rows.permute(0, 2, 3, 1).reshape(N, K)
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 _CAPS: dict[str, bool] = {}
 
@@ -267,16 +258,101 @@ def _probe(name: str) -> bool:
     return _CAPS[name]
 
 
-def _forced_backend() -> str:
-    return os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower()
+BACKENDS = ("auto", "native", "aten", "reference")
 
+
+def _forced_backend() -> str:
+    name = os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower()
+    if name not in BACKENDS:
+        raise QuantizeError(f"TIANYING_QUANT_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    return name
+
+
+_CHECKED: dict[str, bool] = {}
+
+
+def _probe_layers(path: str) -> list[QuantLinear]:
+    """Small layers with asymmetric zeros, a last partial row block (N % 8, N % 32 ≠ 0) and heavy-tailed rows."""
+    gen = torch.Generator().manual_seed(1234)
+    specs = {"native": [QuantSpec(8, -1, False), QuantSpec(4, 32, False)], "int8_cpu": [QuantSpec(8, -1, False)],
+             "int4_cpu": [QuantSpec(4, 32, False)]}[path]
+    out = []
+    for spec in specs:
+        n = 44 if spec.bits == 8 else 40
+        w = torch.randn(n, 128, generator=gen) * torch.rand(n, 1, generator=gen) * 0.1
+        out.append(QuantLinear.from_int(*quantize_rtn(w, spec), spec))
+    return out
+
+
+def self_check(path: str) -> bool:
+    """Whether kernel `path` ("native", "int8_cpu", "int4_cpu") agrees with the reference on this machine.
+
+    Probed once per process (module docstring) for 1, 3 and 20 rows: |y − x·Ŵᵀ| ≤ `product_bound`; a wrong
+    byte order misses by the size of the product itself."""
+    if path in _CHECKED:
+        return _CHECKED[path]
+    _CHECKED[path] = True  # (the probe's own forward calls must not recurse into the check)
+    why = ""
+    try:
+        if path == "native" and not native.available():
+            why = "native kernels unavailable"
+        elif path == "int8_cpu" and not _probe("int8_cpu") or path == "int4_cpu" and not _probe("int4_cpu"):
+            why = "not in this torch build"
+        else:
+            gen = torch.Generator().manual_seed(4321)
+            for m in _probe_layers(path):
+                m.cache_ops = False
+                w = m.dequantize()
+                for rows in (1, 3, 20):
+                    x = torch.randn(rows, m.in_features, generator=gen)
+                    x[:, 5] *= 30  # an outlier column, as real activations have
+                    y = m._forward_fast(x, path)
+                    err = (y - x @ w.t()).abs()
+                    bound = product_bound(x, w, path, m.spec)
+                    if not bool(torch.isfinite(y).all()) or bool((err > bound).any()):
+                        why = (f"int{m.spec.bits} product off by up to {float((err / bound).max()):.3g}× its error "
+                               f"bound on a {rows}×{m.in_features} probe")
+                        break
+                if why:
+                    break
+    except (RuntimeError, NotImplementedError, AttributeError, OSError) as e:
+        why = f"{type(e).__name__}: {e}"
+    ok = not why
+    if not ok and why not in ("not in this torch build",):
+        warnings.warn(f"quantized backend {path!r} switched off for this process: {why} (CPU capability "
+                      f"{_cpu_capability()}); using the next backend", stacklevel=3)
+    _CHECKED[path] = ok
+    return ok
+
+
+def product_bound(x: torch.Tensor, w: torch.Tensor, path: str, spec: QuantSpec) -> torch.Tensor:
+    """Analytic bound on |kernel(x) − x·Ŵᵀ| for fp32 x [M, K] and Ŵ [N, K] (both in stored column order).
+
+    native: activations rounded to int16 per block of kb columns, |Δx| ≤ max|x_block| / 65534, then exact
+    integer sums scaled in fp32 (≤ 1e-5 relative to |x|·|Ŵ|ᵀ for any K here); PyTorch's kernels round x and
+    the output to bf16 (2⁻⁹ each) and sum in reduced precision: 2⁻⁶·|x|·|Ŵ|ᵀ; the reference: fp32 sums."""
+    mag = x.abs() @ w.abs().t()
+    if path == "native":
+        K = x.shape[-1]
+        kb = native.act_block(K, spec.group_width(K), spec.bits)
+        xmax = x.abs().reshape(x.shape[0], -1, kb).amax(-1)  # [M, blocks]
+        wsum = w.abs().reshape(w.shape[0], -1, kb).sum(-1)  # [N, blocks]
+        return (xmax / 65534) @ wsum.t() + 1e-5 * mag + 1e-6
+    return (2 ** -6 if path in ("int8_cpu", "int4_cpu") else 1e-5) * mag + 1e-6
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        return "unknown"
 
 
 class QuantLinear(nn.Module):
     """y = x·Ŵᵀ + b with Ŵ stored as integers (see module docstring); a drop-in for `nn.Linear` at inference.
 
-    Buffers: `qweight` (int8 [N, K] holding q − 128 for 8 bits; uint8 [N, K/2] packed nibbles, or the
-    tinygemm CPU layout, for 4 bits), `scales` fp16 [G, N], `zeros` int16 [G, N] (int16: GPTQ v1 files can
+    Buffers (the canonical tensors, module docstring): `qweight` (int8 [N, K] holding q − 128 for 8 bits;
+    uint8 [N, K/2] nibbles for 4 bits), `scales` fp16 [G, N], `zeros` int16 [G, N] (int16: GPTQ v1 files can
     mean z = maxq + 1), optional `perm` int64 [K]
     (act-order: stored column i is input column perm[i]), optional `bias`.
     """
@@ -297,9 +373,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(G, out_features, dtype=torch.int16, device=device))
         self.register_buffer("perm", torch.arange(in_features, device=device) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.layout = "int8" if spec.bits == 8 else "nibble"
         self.backend = "auto"  # "auto" | "reference"
-        self._fast: dict = {}  # per-dtype kernel operands (scales in the activation dtype, ...)
+        self._fast: dict = {}  # per-kernel caches made from the canonical tensors (operands, int4pack weight)
         self.cache_ops = True  # False when the buffers are refilled in place (streamed layers)
         self.act_bf16 = True  # run fp32/fp16 activations through the kernels in bf16 (module docstring)
 
@@ -312,7 +387,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
-                f"group_size={s.group_size}, sym={s.sym}, act_order={self.perm is not None}, layout={self.layout}")
+                f"group_size={s.group_size}, sym={s.sym}, act_order={self.perm is not None}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -351,15 +426,9 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ views of the weight
     def int_weight(self) -> torch.Tensor:
-        """q uint8 [N, K] in stored (perm) column order, whatever the packing."""
-        if self.layout == "int8":
+        """q uint8 [N, K] in stored (perm) column order, from the canonical tensor."""
+        if self.spec.bits == 8:
             return (self.qweight.to(torch.int16) + 128).to(torch.uint8)
-        if self.layout == "tinygemm_cpu":
-            return unpack_tinygemm_cpu(self.qweight)[:self.out_features]
-        if self.layout == "int8_x8":
-            return (native.from_x8_i8(self.qweight, self.out_features).to(torch.int16) + 128).to(torch.uint8)
-        if self.layout == "int4_x8":
-            return native.from_x8_i4(self.qweight, self.out_features)
         return unpack_nibbles(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -373,38 +442,8 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ kernels
     def prepare(self) -> None:
-        """Repack for the fastest kernel this device has (called after construction and after `.to()`)."""
+        """Drop the kernel caches (they are rebuilt from the canonical tensors on the next forward)."""
         self._fast.clear()
-        want = self._best_layout()
-        if want == self.layout:
-            return
-        q = self.int_weight()
-        if want == "int8":
-            self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
-        elif want == "int8_x8":
-            self.qweight = native.to_x8_i8((q.to(torch.int16) - 128).to(torch.int8))
-        elif want == "int4_x8":
-            self.qweight = native.to_x8_i4(q)
-        elif want == "tinygemm_cpu":  # zero rows up to a multiple of 32 (their outputs are dropped)
-            q = F.pad(q.to(torch.int32), (0, 0, 0, -self.out_features % 32), value=8)
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        else:
-            self.qweight = pack_nibbles(q)
-        self.layout = want
-
-    def _best_layout(self) -> str:
-        plain = "int8" if self.spec.bits == 8 else "nibble"
-        if self.qweight.device.type != "cpu" or self.backend == "reference" or _forced_backend() == "reference":
-            return plain
-        g = self.spec.group_width(self.in_features)
-        if _forced_backend() != "aten" and native.available():
-            if self.spec.bits == 8 and self.spec.group_size == -1 and native.supports(self.in_features, g):
-                return "int8_x8"
-            if self.spec.bits == 4 and native.supports(self.in_features, g):
-                return "int4_x8"
-        if self.spec.bits == 4 and g in (32, 64, 128, 256) and _probe("int4_cpu"):
-            return "tinygemm_cpu"
-        return plain
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         """`.to(device)` moves the buffers; `.to(dtype)` must not round the fp16 scales (to bf16: 3 bits fewer)."""
@@ -412,23 +451,31 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, recurse)
         if self.scales.dtype != torch.float16:
             self.scales = scales.to(device=self.scales.device)
-        if self.qweight.device.type != "meta":
-            self.prepare()
+        self.prepare()
         return out
 
-    def kernel(self, x: torch.Tensor) -> str:
-        """Which path `forward` takes for this input: "native", "int8_cpu", "int4_cpu" or "reference"."""
-        if self.backend == "reference" or _forced_backend() == "reference" or x.device.type != "cpu":
+    def path_for(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
+        """Which kernel `forward` uses for inputs of this dtype and device: "native", "int8_cpu", "int4_cpu" or
+        "reference" (each fast one only once it passed its `self_check` in this process)."""
+        forced = _forced_backend()
+        if self.backend == "reference" or forced == "reference" or torch.device(device).type != "cpu":
             return "reference"
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.qweight.device.type != "cpu":
             return "reference"
-        if self.layout in ("int8_x8", "int4_x8"):  # (their layouts serve no other kernel)
-            return "native" if _forced_backend() != "aten" else "reference"
-        if self.layout == "int8" and self.scales.shape[0] == 1 and _probe("int8_cpu"):
-            return "int8_cpu"
-        if self.layout == "tinygemm_cpu":
-            return "int4_cpu"
+        g = self.spec.group_width(self.in_features)
+        if forced in ("auto", "native") and native.supports(self.in_features, g, self.spec.bits) and (
+                self.spec.bits == 4 or self.spec.group_size == -1) and native.available() and self_check("native"):
+            return "native"
+        if forced in ("auto", "aten"):
+            if self.spec.bits == 8 and self.scales.shape[0] == 1 and self_check("int8_cpu"):
+                return "int8_cpu"
+            if self.spec.bits == 4 and g in (32, 64, 128, 256) and self_check("int4_cpu"):
+                return "int4_cpu"
         return "reference"
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which path `forward` takes for this input (see `path_for`)."""
+        return self.path_for(x.dtype, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
@@ -454,7 +501,7 @@ class QuantLinear(nn.Module):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         ops = self._fast.get("native")
-        int8 = self.layout == "int8_x8"
+        int8 = self.spec.bits == 8
         if ops is None:
             ops = native.operands(self.scales, self.zeros, int8, self.in_features)
             if self.cache_ops:
@@ -468,13 +515,21 @@ class QuantLinear(nn.Module):
                 y = y.to(dtype)
             return y.reshape(*shape[:-1], N)
         y = torch.empty(M, N, dtype=torch.float32)
-        step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features // 8 * 8)
-        buf = torch.empty(min(step, N + 7), self.in_features, dtype=torch.float32)
+        step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features)
+        buf = torch.empty(min(step, N), self.in_features, dtype=torch.float32)
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
-            w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, ops, n0, n1, buf)
+            w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, self.scales, self.zeros, n0, n1, buf)
             y[:, n0:n1] = x2 @ w.t()
         return y.to(dtype).reshape(*shape[:-1], N)
+
+    def _int4pack(self) -> torch.Tensor:
+        """PyTorch's int4pack weight, made from the canonical tensor (rows zero-padded to a multiple of 32).
+
+        Opaque: its byte order depends on the instruction set torch dispatches to; nothing reads it but the
+        kernel it was made for."""
+        q = F.pad(self.int_weight().to(torch.int32), (0, 0, 0, -self.out_features % 32), value=8)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
 
     def _forward_fast(self, x: torch.Tensor, path: str) -> torch.Tensor:
         if path == "native":
@@ -490,10 +545,10 @@ class QuantLinear(nn.Module):
             if path == "int8_cpu":
                 off = s[0] * (128.0 - self.zeros[0].float())
                 ops = (s[0].to(x2.dtype), None if bool((self.zeros == 128).all()) else off.to(x2.dtype))
-            else:  # tinygemm: ŵ = s(q − 8) + z' with z' = s(8 − z); padded rows get s = z' = 0
+            else:  # int4pack: ŵ = s(q − 8) + z' with z' = s(8 − z); padded rows get s = z' = 0
                 sz = torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1)
                 sz = F.pad(sz, (0, 0, 0, -self.out_features % 32))
-                ops = (sz.to(x2.dtype).contiguous(),)
+                ops = (sz.to(x2.dtype).contiguous(), self._int4pack())
             if self.cache_ops:
                 self._fast[(path, x2.dtype)] = ops
         if path == "int8_cpu":
@@ -501,8 +556,7 @@ class QuantLinear(nn.Module):
             if ops[1] is not None:
                 y = y + x2.sum(dim=-1, keepdim=True) * ops[1]
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.spec.group_width(self.in_features),
-                                                           ops[0])
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, ops[1], self.spec.group_width(self.in_features), ops[0])
             if y.shape[-1] != self.out_features:
                 y = y[:, :self.out_features]
         return y.to(dtype).reshape(*shape[:-1], self.out_features)

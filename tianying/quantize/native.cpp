@@ -3,11 +3,15 @@
 // y[M, N] = x[M, K] · Ŵᵀ; Ŵ is never materialised for small M.
 //   int8, per output row n:   Ŵ[n, k] = s[n] · (w[n, k] + o[n])        w = q − 128 (int8), o = 128 − z
 //   int4, per row n, group g: Ŵ[n, k] = s[n, g] · (q[n, k] − z[n, g])  q ∈ [0, 15], s fp16, z uint8
+// The weights are read in the canonical layouts `QuantLinear` keeps (its only copy of them): int8 [N, K]
+// row-major; int4 [N, K/2] row-major bytes, column 2c in the low nibble of byte c and 2c+1 in the high one.
+// There is no kernel-private layout to keep in sync, so nothing can read back a layout it did not write.
 // Activations are rounded to int16 per block (see quantize_act), so the products and their sums over a
 // block are exact integers (vpmaddwd: 16 multiply-adds per instruction) and only the block results are
-// scaled in fp32. Layouts interleave 8 output rows so that each thread reads its share of the weights as
-// one sequential stream and accumulates 8 outputs in one vector (no horizontal sums); int4 scales
-// s[N/8][G][8] (fp16 bits) and zeros z[N/8][G][8] (uint8) are interleaved the same way.
+// scaled in fp32. Each thread takes a contiguous range of output rows, so it reads its share of the
+// weights as one sequential stream; a row is a dot product accumulated in vectors and summed across lanes
+// once at its end. For int4 the activations are stored with each chunk's even columns before its odd ones
+// (the order in which the low and high nibbles of consecutive bytes meet them).
 // Large M is served by the dequantize functions and a BLAS GEMM (the caller chunks the rows).
 // Compiled by native.py with -O3 -fopenmp (and -mavx2 -mfma -mf16c where the CPU has them); the scalar
 // path is the same arithmetic for other CPUs. OpenMP resolves to the runtime torch already loaded.
@@ -57,8 +61,16 @@ struct Act {
     std::vector<int32_t> sum;  // [MB][K / kb]: Σ xq over the block
 };
 
-// perm (act-order, may be null): stored column k reads input column perm[k]
-void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t* perm = nullptr) {
+// perm (act-order, may be null): stored column k reads input column perm[k]. chunk (int4: 16 or 32, 0 for
+// int8): within each chunk of that many columns, column 2c goes to position c and 2c + 1 to chunk/2 + c.
+inline long chunk_pos(long k, long chunk) {
+    if (!chunk) return k;
+    const long base = k - k % chunk, j = k % chunk;
+    return base + (j & 1) * (chunk / 2) + j / 2;
+}
+
+void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t* perm = nullptr,
+                  long chunk = 0) {
     const long nb = K / kb;
     a.q.resize(M * K);
     a.scale.resize(M * nb);
@@ -79,7 +91,7 @@ void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t
             int32_t sum = 0;
             for (long k = 0; k < kb; k++) {
                 const int16_t v = (int16_t)std::nearbyint(xb[k] * inv);
-                a.q[m * K + b * kb + k] = v;
+                a.q[m * K + chunk_pos(b * kb + k, chunk)] = v;
                 sum += v;
             }
             a.scale[m * nb + b] = amax / 32767.f;
@@ -88,138 +100,211 @@ void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t
 }
 
 #ifdef TY_AVX2
-inline __m256i pair(const int16_t* p) {  // broadcast two consecutive int16 as one int32
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
+inline float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
 }
 #endif
 
+// Software prefetch distance along each row (a hint: past the end of the weights it is dropped).
+#ifndef PF_BYTES
+#define PF_BYTES 1024
+#endif
+
 // ------------------------------------------------------------------------------------------ int8
-// Layout "x8p": w[N/8][K/2][8][2]: byte ((j·8 + r)·2 + t) = row 8b + r, column 2j + t, so one 16-byte load
-// sign-extends to the int16 pairs (row r: columns 2j, 2j+1) that vpmaddwd multiplies with an activation pair.
-template <int MB>
-void i8_block(const Act& a, long K, long kb, const int8_t* wb, const float* s, const float* o, float* y, long N) {
+// R consecutive output rows: w = their first row in the canonical int8 [N, K] (q − 128); kb % 16 == 0.
+// y[m, r] = s_r · Σ_b sx_b · (Σ_{k∈b} xq·w_r + o_r · Σ_{k∈b} xq). R rows share each activation load.
+template <int MB, int R>
+void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, const float* o, float* y, long ldy) {
     const long nb = K / kb;
+    float off[MB];
+    for (int m = 0; m < MB; m++) off[m] = 0.f;
 #ifdef TY_AVX2
-    __m256 tot[MB];
-    for (int m = 0; m < MB; m++) tot[m] = _mm256_setzero_ps();
-    const __m256 vo = o ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
+    __m256 tot[MB][R];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tot[m][r] = _mm256_setzero_ps();
     for (long b = 0; b < nb; b++) {
-        __m256i acc[MB];
-        for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_si256();
-        for (long k = b * kb; k < (b + 1) * kb; k += 2) {
-            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 8)));
-            for (int m = 0; m < MB; m++)
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(w, pair(a.q.data() + m * K + k)));
+        __m256i acc[MB][R];
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
+        for (long k = b * kb; k < (b + 1) * kb; k += 16) {
+            if ((k & 63) == 0)
+                for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T0);
+            __m256i v[R];
+            for (int r = 0; r < R; r++)
+                v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+            for (int m = 0; m < MB; m++) {
+                const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k));
+                for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(v[r], x));
+            }
         }
         for (int m = 0; m < MB; m++) {
-            __m256 d = _mm256_cvtepi32_ps(acc[m]);
-            if (o) d = _mm256_fmadd_ps(vo, _mm256_set1_ps((float)a.sum[m * nb + b]), d);
-            tot[m] = _mm256_fmadd_ps(d, _mm256_set1_ps(a.scale[m * nb + b]), tot[m]);
+            const float sx = a.scale[m * nb + b];
+            for (int r = 0; r < R; r++)
+                tot[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][r]), _mm256_set1_ps(sx), tot[m][r]);
+            off[m] += sx * (float)a.sum[m * nb + b];
         }
     }
-    const __m256 vs = _mm256_loadu_ps(s);
-    for (int m = 0; m < MB; m++) _mm256_storeu_ps(y + m * N, _mm256_mul_ps(vs, tot[m]));
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) y[m * ldy + r] = s[r] * (hsum(tot[m][r]) + (o ? o[r] : 0.f) * off[m]);
 #else
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < 8; r++) {
-            float tot = 0.f;
+        for (int r = 0; r < R; r++) {
+            const int8_t* wr = w + r * K;
+            float tot = 0.f, offr = 0.f;
             for (long b = 0; b < nb; b++) {
                 int32_t acc = 0;
-                for (long k = b * kb; k < (b + 1) * kb; k += 2)
-                    acc += (int32_t)wb[k * 8 + 2 * r] * a.q[m * K + k] + (int32_t)wb[k * 8 + 2 * r + 1] * a.q[m * K + k + 1];
-                float d = (float)acc;
-                if (o) d += o[r] * (float)a.sum[m * nb + b];
-                tot += d * a.scale[m * nb + b];
+                for (long k = b * kb; k < (b + 1) * kb; k++) acc += (int32_t)wr[k] * a.q[m * K + k];
+                const float sx = a.scale[m * nb + b];
+                tot += sx * (float)acc;
+                offr += sx * (float)a.sum[m * nb + b];
             }
-            y[m * N + r] = s[r] * tot;
+            y[m * ldy + r] = s[r] * (tot + (o ? o[r] : 0.f) * offr);
         }
 #endif
 }
 
 // ------------------------------------------------------------------------------------------ int4
-// Layout "x8q": w[N/8][K/4][8][2]: byte ((j·8 + r)·2 + t) = q[8b + r, 4j + t] | q[8b + r, 4j + 2 + t] << 4,
-// so the low nibbles of one 16-byte load are the int16 pairs (columns 4j, 4j+1) and the high ones (4j+2, 4j+3).
-template <int MB>
-void i4_block(const Act& a, long K, long kb, const uint8_t* wb, const uint16_t* sb, const uint8_t* zb, long G,
-              float* y, long N) {
-    const long nb = K / kb, gs = K / G;
+// R consecutive output rows: w = their first row in the canonical nibbles [N, K/2]; kb % 16 == 0;
+// activations in chunk order (quantize_act), chunk 32 when kb % 32 == 0, else 16. Byte c of a chunk holds
+// columns 2c (low nibble) and 2c + 1 (high): zero-extended to int16 lanes, the low nibbles meet the chunk's
+// even columns and the high ones its odd columns, both contiguous in the activations.
+// sg, zg: row r's scale and zero of group g at [g · 8 + r] (native.operands' interleave).
+// y[m, r] = Σ_b s_rg · sx_b · (Σ_{k∈b} xq·q_r − z_rg · Σ_{k∈b} xq)
+template <int MB, int R>
+void i4_rows(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sg, const uint8_t* zg, long G, float* y,
+             long ldy) {
+    const long nb = K / kb, gs = K / G, rb = K / 2;
+    float off[MB][R];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) off[m][r] = 0.f;
 #ifdef TY_AVX2
-    const __m256i lowmask = _mm256_set1_epi16(0x0f);
-    __m256 tot[MB];
-    for (int m = 0; m < MB; m++) tot[m] = _mm256_setzero_ps();
-    __m256 vs = _mm256_setzero_ps();
-    __m256i vz = _mm256_setzero_si256();
+    const __m256i low = _mm256_set1_epi16(0x0f);
+    const __m128i low128 = _mm_set1_epi16(0x0f);
+    __m256 tot[MB][R];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tot[m][r] = _mm256_setzero_ps();
     for (long b = 0; b < nb; b++) {
         const long g = b * kb / gs;
-        if (b * kb % gs == 0) {
-            vs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 8)));
-            vz = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zb + g * 8)));
-        }
-        __m256i acc[MB];
-        for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_si256();
-        for (long k = b * kb; k < (b + 1) * kb; k += 4) {
-            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 4)));
-            const __m256i lo = _mm256_and_si256(v, lowmask), hi = _mm256_srli_epi16(v, 4);
-            for (int m = 0; m < MB; m++) {
-                const int16_t* xq = a.q.data() + m * K + k;
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(lo, pair(xq)));
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(hi, pair(xq + 2)));
+        __m256i acc[MB][R];
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
+        if (kb % 32 == 0) {
+            for (long k = b * kb; k < (b + 1) * kb; k += 32) {
+                if ((k & 127) == 0)
+                    for (int r = 0; r < R; r++)
+                        _mm_prefetch(reinterpret_cast<const char*>(w + r * rb + k / 2 + PF_BYTES), _MM_HINT_T0);
+                __m256i lo[R], hi[R];
+                for (int r = 0; r < R; r++) {
+                    const __m256i v = _mm256_cvtepu8_epi16(
+                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
+                    lo[r] = _mm256_and_si256(v, low);
+                    hi[r] = _mm256_srli_epi16(v, 4);
+                }
+                for (int m = 0; m < MB; m++) {
+                    const __m256i* xq = reinterpret_cast<const __m256i*>(a.q.data() + m * K + k);
+                    const __m256i xe = _mm256_loadu_si256(xq), xo = _mm256_loadu_si256(xq + 1);
+                    for (int r = 0; r < R; r++)
+                        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_add_epi32(_mm256_madd_epi16(lo[r], xe),
+                                                                                 _mm256_madd_epi16(hi[r], xo)));
+                }
+            }
+        } else {
+            for (long k = b * kb; k < (b + 1) * kb; k += 16) {
+                for (int m = 0; m < MB; m++) {
+                    const __m128i* xq = reinterpret_cast<const __m128i*>(a.q.data() + m * K + k);
+                    const __m128i xe = _mm_loadu_si128(xq), xo = _mm_loadu_si128(xq + 1);
+                    for (int r = 0; r < R; r++) {
+                        const __m128i v =
+                            _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
+                        const __m128i d = _mm_add_epi32(_mm_madd_epi16(_mm_and_si128(v, low128), xe),
+                                                        _mm_madd_epi16(_mm_srli_epi16(v, 4), xo));
+                        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_inserti128_si256(_mm256_setzero_si256(), d, 0));
+                    }
+                }
             }
         }
-        for (int m = 0; m < MB; m++) {  // s·sx·(Σ xq·q − z·Σ xq), exact in int32 up to the scaling
-            const __m256i d = _mm256_sub_epi32(acc[m], _mm256_mullo_epi32(vz, _mm256_set1_epi32(a.sum[m * nb + b])));
-            tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(vs, _mm256_set1_ps(a.scale[m * nb + b])),
-                                     tot[m]);
+        for (int r = 0; r < R; r++) {
+            const float s = half_to_float(sg[g * 8 + r]), z = (float)zg[g * 8 + r];
+            for (int m = 0; m < MB; m++) {
+                const float f = s * a.scale[m * nb + b];
+                tot[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][r]), _mm256_set1_ps(f), tot[m][r]);
+                off[m][r] += f * z * (float)a.sum[m * nb + b];
+            }
         }
     }
-    for (int m = 0; m < MB; m++) _mm256_storeu_ps(y + m * N, tot[m]);
-#else
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < 8; r++) {
+        for (int r = 0; r < R; r++) y[m * ldy + r] = hsum(tot[m][r]) - off[m][r];
+#else
+    const long chunk = kb % 32 == 0 ? 32 : 16;
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            const uint8_t* wr = w + r * rb;
             float tot = 0.f;
             for (long b = 0; b < nb; b++) {
                 const long g = b * kb / gs;
+                const float s = half_to_float(sg[g * 8 + r]), z = (float)zg[g * 8 + r];
                 int32_t acc = 0;
-                for (long k = b * kb; k < (b + 1) * kb; k += 4)
-                    for (int t = 0; t < 2; t++) {
-                        const uint8_t v = wb[k * 4 + 2 * r + t];
-                        acc += (int32_t)(v & 15) * a.q[m * K + k + t] + (int32_t)(v >> 4) * a.q[m * K + k + 2 + t];
+                for (long k = b * kb; k < (b + 1) * kb; k += chunk) {
+                    const int16_t* xq = a.q.data() + m * K + k;
+                    for (long c = 0; c < chunk / 2; c++) {
+                        const uint8_t v = wr[k / 2 + c];
+                        acc += (int32_t)(v & 15) * xq[c] + (int32_t)(v >> 4) * xq[chunk / 2 + c];
                     }
-                acc -= (int32_t)zb[g * 8 + r] * a.sum[m * nb + b];
-                tot += (float)acc * (half_to_float(sb[g * 8 + r]) * a.scale[m * nb + b]);
+                }
+                const float f = s * a.scale[m * nb + b];
+                tot += f * (float)acc;
+                off[m][r] += f * z * (float)a.sum[m * nb + b];
             }
-            y[m * N + r] = tot;
+            y[m * ldy + r] = tot - off[m][r];
         }
 #endif
 }
 
 // A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros, perm: act-order
 // column order (or null).
+// w: canonical weights of N rows (int8 [N, K] or nibbles [N, K/2]); outputs have row stride N8 (N rounded up
+// to 8; columns N..N8 are left unwritten).
 struct Proj {
     const void* w;
     const void* s;
     const void* o;
     const uint8_t* z;
-    long N8, K, kb, G;
+    long N, N8, K, kb, G;
     int int8;
     const int64_t* perm;
 };
 
-// Called by every thread of an enclosing parallel region (orphaned worksharing): rows of 8 outputs split
-// statically between the threads; the implicit barrier at the end of `omp for` ends the call.
+// Called by every thread of an enclosing parallel region (orphaned worksharing): output rows split
+// statically between the threads (contiguous ranges: one sequential weight stream each); the implicit
+// barrier at the end of `omp for` ends the call.
+template <int MB, int R>
+void row_group(const Act& a, const Proj& p, long n, float* y) {
+    if (p.int8)
+        i8_rows<MB, R>(a, p.K, p.kb, static_cast<const int8_t*>(p.w) + n * p.K, static_cast<const float*>(p.s) + n,
+                       p.o ? static_cast<const float*>(p.o) + n : nullptr, y + n, p.N8);
+    else  // scales/zeros interleaved [N8/8][G][8]: row n's at (n / 8)·G·8 + n % 8
+        i4_rows<MB, R>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + n * (p.K / 2),
+                       static_cast<const uint16_t*>(p.s) + (n / 8) * p.G * 8 + n % 8, p.z + (n / 8) * p.G * 8 + n % 8,
+                       p.G, y + n, p.N8);
+}
+
+// Called by every thread of an enclosing parallel region (orphaned worksharing): groups of R = 8 / MB
+// output rows (sharing the activation loads) split statically between the threads, so each reads its share
+// of the weights as one sequential stream; the implicit barrier at the end of `omp for` ends the call.
 template <int MB>
 void gemm_rows(const Act& a, const Proj& p, float* y) {
+    constexpr int R = MB >= 4 ? 8 / MB : 1;
+    const long full = p.N / R;
 #pragma omp for schedule(static)
-    for (long b = 0; b < p.N8 / 8; b++) {
-        if (p.int8)
-            i8_block<MB>(a, p.K, p.kb, static_cast<const int8_t*>(p.w) + b * p.K * 8,
-                         static_cast<const float*>(p.s) + b * 8, p.o ? static_cast<const float*>(p.o) + b * 8 : nullptr,
-                         y + b * 8, p.N8);
-        else
-            i4_block<MB>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + b * p.K * 4,
-                         static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, p.N8);
+    for (long i = 0; i <= full; i++) {
+        if (i < full) {
+            row_group<MB, R>(a, p, i * R, y);
+        } else {
+            for (long n = full * R; n < p.N; n++) row_group<MB, 1>(a, p, n, y);
+        }
     }
 }
 
@@ -229,7 +314,7 @@ void gemm_region(const float* x, long M, const Proj& p, float* y, Act& a) {
         const long left = M - m0;
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 #pragma omp single
-        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm);
+        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.int8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
         float* ym = y + m0 * p.N8;
         if (mb == 8) gemm_rows<8>(a, p, ym);
         else if (mb == 4) gemm_rows<4>(a, p, ym);
@@ -249,46 +334,47 @@ void gemm(const float* x, long M, const Proj& p, float* y, int nt) {
 
 extern "C" {
 
-// x [M, K] fp32 contiguous; activation block kb (even, divides K, ≤ 256); y [M, N] fp32 with N % 8 == 0.
-// int8: w x8p layout, s/o fp32 [N] (o = 128 − z, or null when symmetric).
-void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, const float* s, const float* o, float* y,
-                long N, int nt) {
-    gemm(x, M, Proj{w, s, o, nullptr, N, K, kb, 1, 1, nullptr}, y, nt);
+// x [M, K] fp32 contiguous; activation block kb (a multiple of 16 dividing K, ≤ 256); y [M, N8] fp32, N8 = N
+// rounded up to 8. int8: w canonical int8 [N, K], s/o fp32 [N8] (o = 128 − z, or null when symmetric).
+void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, long N, const float* s, const float* o,
+                float* y, long N8, int nt) {
+    gemm(x, M, Proj{w, s, o, nullptr, N, N8, K, kb, 1, 1, nullptr}, y, nt);
 }
 
-// int4: w x8q layout, s fp16 bits / z uint8 [N/8][G][8]; kb divides the group size K / G and is a multiple of 4.
-void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, const uint16_t* s, const uint8_t* z,
-                long G, float* y, long N, int nt) {
-    gemm(x, M, Proj{w, s, nullptr, z, N, K, kb, G, 0, nullptr}, y, nt);
+// int4: w canonical nibbles [N, K/2], s fp16 bits / z uint8 [N8/8][G][8]; kb a multiple of 16 dividing the
+// group size K / G.
+void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, long N, const uint16_t* s,
+                const uint8_t* z, long G, float* y, long N8, int nt) {
+    gemm(x, M, Proj{w, s, nullptr, z, N, N8, K, kb, G, 0, nullptr}, y, nt);
 }
 
-// Rows [n0, n1) of Ŵ (n0, n1 multiples of 8) into out [(n1 − n0), K] fp32, with the reference's
-// arithmetic: (q − z) · s.
-void ty_dequant_i8(const int8_t* w, const float* s, const float* z, long K, long n0, long n1, float* out, int nt) {
+// Rows [n0, n1) of Ŵ into out [n1 − n0, K] fp32 from the canonical tensors (w as above, scales fp16 bits
+// [G, N], zeros int16 [G, N]) with the reference's arithmetic: (q − z) · s, so bit-equal to it.
+void ty_dequant_i8(const int8_t* w, const uint16_t* s, const int16_t* z, long N, long K, long n0, long n1,
+                   float* out, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long b = n0 / 8; b < n1 / 8; b++)
-        for (int r = 0; r < 8; r++) {
-            const long n = b * 8 + r;
-            const float zn = z[n], sn = s[n];
-            float* o = out + (n - n0) * K;
-            for (long k = 0; k < K; k++) o[k] = ((float)w[b * K * 8 + (k / 2) * 16 + 2 * r + k % 2] + 128.f - zn) * sn;
-        }
+    for (long n = n0; n < n1; n++) {
+        const float zn = (float)z[n], sn = half_to_float(s[n]);
+        float* o = out + (n - n0) * K;
+        const int8_t* wn = w + n * K;
+        for (long k = 0; k < K; k++) o[k] = ((float)wn[k] + 128.f - zn) * sn;
+    }
 }
 
-void ty_dequant_i4(const uint8_t* w, const uint16_t* sc, const uint8_t* z, long G, long K, long n0, long n1,
+void ty_dequant_i4(const uint8_t* w, const uint16_t* s, const int16_t* z, long N, long G, long K, long n0, long n1,
                    float* out, int nt) {
     const long gs = K / G;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (long b = n0 / 8; b < n1 / 8; b++)
-        for (int r = 0; r < 8; r++) {
-            float* o = out + (b * 8 + r - n0) * K;
-            for (long k = 0; k < K; k++) {
-                const long g = k / gs;
-                const float sg = half_to_float(sc[(b * G + g) * 8 + r]), zg = (float)z[(b * G + g) * 8 + r];
-                const uint8_t v = w[b * K * 4 + (k / 4) * 16 + 2 * r + k % 2];
-                o[k] = ((float)((k % 4) < 2 ? (v & 15) : (v >> 4)) - zg) * sg;
-            }
+    for (long n = n0; n < n1; n++) {
+        float* o = out + (n - n0) * K;
+        const uint8_t* wn = w + n * (K / 2);
+        for (long k = 0; k < K; k++) {
+            const long g = k / gs;
+            const float sg = half_to_float(s[g * N + n]), zg = (float)z[g * N + n];
+            const uint8_t v = wn[k / 2];
+            o[k] = ((float)(k % 2 ? v >> 4 : v & 15) - zg) * sg;
         }
+    }
 }
 
 }  // extern "C"

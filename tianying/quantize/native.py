@@ -8,8 +8,10 @@ product per layer, bound by how fast the weights stream from memory, so `native.
   |Δx| ≤ sx/2, i.e. 2⁻¹⁶ of the block's largest value: 1/1000 of int4's and 1/100 of int8's own weight
   rounding; llama.cpp rounds activations to int8 instead), so that one vpmaddwd does 16 exact integer
   multiply-adds and only block sums are scaled in fp32;
-- stores the weights with 8 output rows interleaved, so each thread streams one sequential run and keeps
-  8 outputs in one vector; one pass over the weights serves up to 8 activation rows.
+- reads the canonical tensors of `QuantLinear` (int8 [N, K], int4 nibbles [N, K/2], row-major) in place,
+  8 rows at a time, transposing 8 bytes of each row in registers so that 8 outputs accumulate in one
+  vector; one pass over the weights serves up to 8 activation rows. There is no kernel-private weight
+  layout: the weights exist once, in the form that is saved, dequantized and merged.
 Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the BLAS GEMM
 (`QuantLinear` decides). `ty_decode` runs a whole decode step for `tianying.quantize.decode`.
 
@@ -18,7 +20,8 @@ when torch reports an AVX2/AVX512 CPU. The library is cached under `$TIANYING_CA
 ~/.cache/tianying) by a hash of the source, flags and compiler, written atomically; it links the libgomp
 that torch already loaded, so there is one OpenMP thread pool. No compiler (or a failed build) → a warning
 once, and `available()` is False: `QuantLinear` then uses PyTorch's ops or the reference path.
-`TIANYING_QUANT_BACKEND=aten|reference` skips the native kernels.
+`TIANYING_QUANT_BACKEND=aten|reference` skips the native kernels; `TIANYING_NATIVE_SIMD=0` builds the
+portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI tests both).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def _compiler() -> str | None:
 def _flags(simd: bool = True) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
     cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    if simd and os.environ.get("TIANYING_NATIVE_SIMD", "1") == "0":
+        simd = False
     if simd and (cap.startswith("AVX2") or cap.startswith("AVX512")):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
@@ -88,10 +93,10 @@ def build(simd: bool = True, directory: Path | None = None) -> Path:
 def bind(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its C signatures."""
     lib = ctypes.CDLL(str(path))
-    lib.ty_gemm_i8.argtypes = [_P, _L, _L, _L, _P, _P, _P, _P, _L, _I]
-    lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P, _L, _I]
-    lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
-    lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _P, _I]
+    lib.ty_gemm_i8.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _P, _L, _I]
+    lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _L, _P, _L, _I]
+    lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _L, _P, _I]
+    lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
     lib.ty_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _L, _P, _P, _P, _P, _L, _L, _I]
     for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_decode):
         f.restype = None
@@ -119,7 +124,7 @@ def available() -> bool:
 class Proj(ctypes.Structure):
     """native.cpp's `Proj`: one projection's kernel operands."""
 
-    _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
+    _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N", _L), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
                 ("int8", _I), ("perm", _P)]
 
 
@@ -129,7 +134,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("ln1", _P), ("ln2", _P), ("qkv", Proj), ("o", Proj), ("gu", Proj), ("down", Proj)]
 
 
-# ------------------------------------------------------------------------------------------ layout
+# ------------------------------------------------------------------------------------------ operands
 def _rows_x8(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
     """[N, C] → [ceil(N/8), C, 8]: 8 consecutive rows interleaved (rows padded with `fill`)."""
     N, C = t.shape
@@ -137,62 +142,31 @@ def _rows_x8(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
     return t.reshape(-1, 8, C).transpose(1, 2).contiguous()
 
 
-def _pairs(t: torch.Tensor) -> torch.Tensor:
-    """[N, C] (C even) → [ceil(N/8), C/2, 8, 2]: column pairs of 8 interleaved rows (native.cpp's byte order)."""
-    N, C = t.shape
-    t = torch.nn.functional.pad(t, (0, 0, 0, -N % 8))
-    return t.reshape(-1, 8, C // 2, 2).transpose(1, 2).contiguous()
+STEP = 16  # columns a kernel step takes (int8: 16 bytes; int4: 8 or 16 bytes)
 
 
-def _unpairs(p: torch.Tensor, n: int) -> torch.Tensor:
-    return p.transpose(1, 2).reshape(p.shape[0] * 8, -1)[:n]
-
-
-def to_x8_i8(w: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] (q − 128, K even) → the "x8p" layout [ceil(N/8), K/2, 8, 2]."""
-    return _pairs(w)
-
-
-def from_x8_i8(p: torch.Tensor, n: int) -> torch.Tensor:
-    return _unpairs(p, n)
-
-
-def to_x8_i4(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (values < 16, K % 4 == 0) → the "x8q" layout [ceil(N/8), K/4, 8, 2]: byte (j, r, t) holds
-    columns 4j + t (low nibble) and 4j + 2 + t (high nibble) of row r."""
-    q = q.to(torch.uint8)
-    N, K = q.shape
-    q4 = q.reshape(N, K // 4, 2, 2)  # [..., half, t]: column 4j + 2·half + t
-    return _pairs((q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(N, K // 2))
-
-
-def from_x8_i4(p: torch.Tensor, n: int) -> torch.Tensor:
-    b = _unpairs(p, n).reshape(n, -1, 2)  # [N, K/4, t]
-    return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, -1)
-
-
-def act_block(k: int, group: int) -> int:
-    """Activation block for int16 rounding: the largest multiple of 4 ≤ 256 dividing the group (or K)."""
-    g = group if group > 0 else k
-    for kb in range(min(g, 256) // 4 * 4, 3, -4):
+def act_block(k: int, group: int, bits: int = 8) -> int:
+    """Activation block for int16 rounding: the largest multiple of 16 ≤ 256 dividing the group (or K)."""
+    g, st = (group if group > 0 else k), STEP
+    for kb in range(min(g, 256) // st * st, st - 1, -st):
         if g % kb == 0:
             return kb
     raise ValueError(f"no activation block for group {g}")
 
 
-def supports(k: int, group: int) -> bool:
+def supports(k: int, group: int, bits: int = 8) -> bool:
     g = group if group > 0 else k
-    return k % 4 == 0 and g % 4 == 0
+    return k % STEP == 0 and g % STEP == 0
 
 
 def operands(scales: torch.Tensor, zeros: torch.Tensor, int8: bool, k: int) -> tuple:
-    """Kernel operands from a QuantLinear's scales fp16 [G, N] and zeros int16 [G, N] (padded to N % 8 == 0).
+    """Kernel operands derived from a QuantLinear's scales fp16 [G, N] and zeros int16 [G, N] (padded to N8).
 
-    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric, z fp32); int4: (kb, s, z) in [N/8, G, 8].
+    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric, z fp32); int4: (kb, s, z) in [N8/8, G, 8].
     """
     pad = -scales.shape[1] % 8
     G = scales.shape[0]
-    kb = act_block(k, k // G)
+    kb = act_block(k, k // G, 8 if int8 else 4)
     if int8:
         s = torch.nn.functional.pad(scales[0].float(), (0, pad))
         z = torch.nn.functional.pad(zeros[0].float(), (0, pad), value=128.0)
@@ -207,41 +181,45 @@ def _threads() -> int:
 
 def gemm_i8(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, o: torch.Tensor | None,
             z: torch.Tensor | None = None) -> torch.Tensor:
-    """x fp32 [M, K] contiguous, w int8 x8p layout, s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
+    """x fp32 [M, K] contiguous, w canonical int8 [N, K], s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
     M, K = x.shape
-    N = w.shape[0] * 8
-    y = torch.empty(M, N, dtype=torch.float32)
-    _LIB.ty_gemm_i8(x.data_ptr(), M, K, kb, w.data_ptr(), s.data_ptr(), None if o is None else o.data_ptr(),
-                    y.data_ptr(), N, _threads())
+    N = w.shape[0]
+    N8 = s.shape[0]
+    y = torch.empty(M, N8, dtype=torch.float32)
+    _LIB.ty_gemm_i8(x.data_ptr(), M, K, kb, w.data_ptr(), N, s.data_ptr(), None if o is None else o.data_ptr(),
+                    y.data_ptr(), N8, _threads())
     return y
 
 
 def gemm_i4(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """x fp32 [M, K], w int4 x8q layout, s fp16 / z uint8 [N8/8, G, 8] → y fp32 [M, N8]."""
+    """x fp32 [M, K], w canonical nibbles uint8 [N, K/2], s fp16 / z uint8 [N8/8, G, 8] → y fp32 [M, N8]."""
     M, K = x.shape
-    N, G = w.shape[0] * 8, s.shape[1]
-    y = torch.empty(M, N, dtype=torch.float32)
-    _LIB.ty_gemm_i4(x.data_ptr(), M, K, kb, w.data_ptr(), s.data_ptr(), z.data_ptr(), G, y.data_ptr(), N, _threads())
+    N, N8, G = w.shape[0], s.shape[0] * 8, s.shape[1]
+    y = torch.empty(M, N8, dtype=torch.float32)
+    _LIB.ty_gemm_i4(x.data_ptr(), M, K, kb, w.data_ptr(), N, s.data_ptr(), z.data_ptr(), G, y.data_ptr(), N8,
+                    _threads())
     return y
 
 
-def _dequant_rows(n0: int, n1: int, K: int, out: torch.Tensor | None) -> tuple[int, int, torch.Tensor]:
-    """Kernel rows are whole 8-row blocks: [n0 rounded down, n1 rounded up) into `out`."""
-    a, b = n0 // 8 * 8, -(-n1 // 8) * 8
-    buf = torch.empty(b - a, K, dtype=torch.float32) if out is None or out.shape[0] < b - a else out[:b - a]
-    return a, b, buf
+def _out(n0: int, n1: int, K: int, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(n1 - n0, K, dtype=torch.float32) if out is None or out.shape[0] < n1 - n0 else out[:n1 - n0]
 
 
-def dequant_i8(w: torch.Tensor, ops: tuple, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows [n0, n1) of Ŵ = (q − z)·s as fp32 [n1 − n0, K], bit-equal to the reference dequantization."""
-    K = w.shape[1] * 2
-    a, b, buf = _dequant_rows(n0, n1, K, out)
-    _LIB.ty_dequant_i8(w.data_ptr(), ops[1].data_ptr(), ops[3].data_ptr(), K, a, b, buf.data_ptr(), _threads())
-    return buf[n0 - a:n1 - a]
+def dequant_i8(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n0: int, n1: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [n0, n1) of Ŵ = (q − z)·s as fp32 [n1 − n0, K] from the canonical tensors (w int8 [N, K], scales
+    fp16 [1, N], zeros int16 [1, N], all contiguous), bit-equal to the reference dequantization."""
+    N, K = w.shape
+    buf = _out(n0, n1, K, out)
+    _LIB.ty_dequant_i8(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, K, n0, n1, buf.data_ptr(), _threads())
+    return buf
 
 
-def dequant_i4(w: torch.Tensor, ops: tuple, n0: int, n1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    K, G = w.shape[1] * 4, ops[1].shape[1]
-    a, b, buf = _dequant_rows(n0, n1, K, out)
-    _LIB.ty_dequant_i4(w.data_ptr(), ops[1].data_ptr(), ops[2].data_ptr(), G, K, a, b, buf.data_ptr(), _threads())
-    return buf[n0 - a:n1 - a]
+def dequant_i4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n0: int, n1: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `dequant_i8` for int4: w nibbles [N, K/2], scales fp16 / zeros int16 [G, N]."""
+    N, K, G = w.shape[0], w.shape[1] * 2, scales.shape[0]
+    buf = _out(n0, n1, K, out)
+    _LIB.ty_dequant_i4(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, G, K, n0, n1, buf.data_ptr(),
+                       _threads())
+    return buf
