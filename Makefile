@@ -26,13 +26,26 @@ demo: install
 	printf '你好\n请把这句话翻译成英文：打开文件\nWhat is the next line of 白日依山尽?\n' | \
 	  $(BIN)/tianying chat models/demo-chat --no-history $(SAMPLE)
 
+# Quantized kernels differ by backend and by CPU (issue 12): their tests run again with each backend forced,
+# and as an AVX2-only and a no-AVX2 x86-64 machine run them (torch's dispatch level, the portable C++ build).
+BACKEND_TESTS := tests/test_quantize.py tests/test_quantize_load.py tests/test_offload.py
+QUANT_TESTS   := $(BACKEND_TESTS) tests/test_native_kernels.py tests/test_native_decode.py
+
 test: install browser
 	$(BIN)/python -m pytest
+	@echo "== quantization tests per backend and per CPU level (CPU capability here: $$($(BIN)/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'))"
+	TIANYING_QUANT_BACKEND=aten $(BIN)/python -m pytest $(BACKEND_TESTS)
+	TIANYING_QUANT_BACKEND=reference $(BIN)/python -m pytest $(BACKEND_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest $(QUANT_TESTS)
+	ATEN_CPU_CAPABILITY=default TIANYING_NATIVE_SIMD=0 $(BIN)/python -m pytest $(QUANT_TESTS)
 
-# Debian's Chromium for the web-page test (skipped with a message where no browser can be installed)
+# Debian's Chromium for the web-page test. It changes the system, so it happens only as root with apt-get
+# (CI, containers), says so first, and can be refused: NO_BROWSER_INSTALL=1 make test. Without it the
+# browser test is skipped with a message.
 browser:
 	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
-	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { [ -z "$(NO_BROWSER_INSTALL)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    echo "note: installing Debian's chromium and chromium-driver system-wide with apt-get for the browser test (NO_BROWSER_INSTALL=1 skips this)" && \
 	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "note: chromium not installed; the browser test will be skipped"; }
 

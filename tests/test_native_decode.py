@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,11 @@ from tianying.config import Config
 from tianying.model import KVCache, build_model
 from tianying.quantize import native, quantize_model
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels could not be built (no C++ compiler)")
+pytestmark = [
+    pytest.mark.skipif(not native.available(), reason="native kernels could not be built (no C++ compiler)"),
+    pytest.mark.skipif(os.environ.get("TIANYING_QUANT_BACKEND", "auto") not in ("auto", "native"),
+                       reason="TIANYING_QUANT_BACKEND forces another backend: the native kernels are not under test"),
+]
 
 
 def _model(n_kv_head: int, bits: int, seed: int = 0):

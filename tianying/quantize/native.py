@@ -116,8 +116,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    if os.environ.get("TIANYING_QUANT_BACKEND", "auto").lower() in ("aten", "reference"):
-        return False
+    """Whether the kernels are built and loaded here (whether they are used: `QuantLinear.path_for`)."""
     return _load() is not None
 
 
