@@ -63,10 +63,10 @@ struct Act {
 
 // perm (act-order, may be null): stored column k reads input column perm[k]. chunk (int4: 16 or 32, 0 for
 // int8): within each chunk of that many columns, column 2c goes to position c and 2c + 1 to chunk/2 + c.
-inline long chunk_pos(long k, long chunk) {
+inline long chunk_pos(long k, long chunk) {  // chunk: 0 or a power of two (no division per element)
     if (!chunk) return k;
-    const long base = k - k % chunk, j = k % chunk;
-    return base + (j & 1) * (chunk / 2) + j / 2;
+    const long j = k & (chunk - 1);
+    return (k & ~(chunk - 1)) + (j & 1) * (chunk >> 1) + (j >> 1);
 }
 
 void quantize_act(const float* x, long M, long K, long kb, Act& a, const int64_t* perm = nullptr,
@@ -108,10 +108,12 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// Software prefetch distance along each row (a hint: past the end of the weights it is dropped).
-#ifndef PF_BYTES
+// Software prefetch into L2 (a hint: past the end of the weights it is dropped): int8 rows PF_BYTES ahead,
+// int4 8-row blocks PF_BLOCKS ahead (their 8 short interleaved streams escape the hardware prefetcher).
+// I8_ROWS: int8 weight rows sharing each activation load for up to 2 activation rows.
 #define PF_BYTES 1024
-#endif
+#define PF_BLOCKS 2
+#define I8_ROWS 1
 
 // ------------------------------------------------------------------------------------------ int8
 // R consecutive output rows: w = their first row in the canonical int8 [N, K] (q − 128); kb % 16 == 0.
@@ -131,7 +133,8 @@ void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, con
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
         for (long k = b * kb; k < (b + 1) * kb; k += 16) {
             if ((k & 63) == 0)
-                for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T0);
+                for (int r = 0; r < R; r++)
+                    _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T1);
             __m256i v[R];
             for (int r = 0; r < R; r++)
                 v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
@@ -167,6 +170,7 @@ void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, con
 }
 
 // ------------------------------------------------------------------------------------------ int4
+// The portable path (AVX2 CPUs run i4_block8 instead).
 // R consecutive output rows: w = their first row in the canonical nibbles [N, K/2]; kb % 16 == 0;
 // activations in chunk order (quantize_act), chunk 32 when kb % 32 == 0, else 16. Byte c of a chunk holds
 // columns 2c (low nibble) and 2c + 1 (high): zero-extended to int16 lanes, the low nibbles meet the chunk's
@@ -180,64 +184,6 @@ void i4_rows(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sg
     float off[MB][R];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) off[m][r] = 0.f;
-#ifdef TY_AVX2
-    const __m256i low = _mm256_set1_epi16(0x0f);
-    const __m128i low128 = _mm_set1_epi16(0x0f);
-    __m256 tot[MB][R];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) tot[m][r] = _mm256_setzero_ps();
-    for (long b = 0; b < nb; b++) {
-        const long g = b * kb / gs;
-        __m256i acc[MB][R];
-        for (int m = 0; m < MB; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
-        if (kb % 32 == 0) {
-            for (long k = b * kb; k < (b + 1) * kb; k += 32) {
-                if ((k & 127) == 0)
-                    for (int r = 0; r < R; r++)
-                        _mm_prefetch(reinterpret_cast<const char*>(w + r * rb + k / 2 + PF_BYTES), _MM_HINT_T0);
-                __m256i lo[R], hi[R];
-                for (int r = 0; r < R; r++) {
-                    const __m256i v = _mm256_cvtepu8_epi16(
-                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
-                    lo[r] = _mm256_and_si256(v, low);
-                    hi[r] = _mm256_srli_epi16(v, 4);
-                }
-                for (int m = 0; m < MB; m++) {
-                    const __m256i* xq = reinterpret_cast<const __m256i*>(a.q.data() + m * K + k);
-                    const __m256i xe = _mm256_loadu_si256(xq), xo = _mm256_loadu_si256(xq + 1);
-                    for (int r = 0; r < R; r++)
-                        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_add_epi32(_mm256_madd_epi16(lo[r], xe),
-                                                                                 _mm256_madd_epi16(hi[r], xo)));
-                }
-            }
-        } else {
-            for (long k = b * kb; k < (b + 1) * kb; k += 16) {
-                for (int m = 0; m < MB; m++) {
-                    const __m128i* xq = reinterpret_cast<const __m128i*>(a.q.data() + m * K + k);
-                    const __m128i xe = _mm_loadu_si128(xq), xo = _mm_loadu_si128(xq + 1);
-                    for (int r = 0; r < R; r++) {
-                        const __m128i v =
-                            _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
-                        const __m128i d = _mm_add_epi32(_mm_madd_epi16(_mm_and_si128(v, low128), xe),
-                                                        _mm_madd_epi16(_mm_srli_epi16(v, 4), xo));
-                        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_inserti128_si256(_mm256_setzero_si256(), d, 0));
-                    }
-                }
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const float s = half_to_float(sg[g * 8 + r]), z = (float)zg[g * 8 + r];
-            for (int m = 0; m < MB; m++) {
-                const float f = s * a.scale[m * nb + b];
-                tot[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][r]), _mm256_set1_ps(f), tot[m][r]);
-                off[m][r] += f * z * (float)a.sum[m * nb + b];
-            }
-        }
-    }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) y[m * ldy + r] = hsum(tot[m][r]) - off[m][r];
-#else
     const long chunk = kb % 32 == 0 ? 32 : 16;
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) {
@@ -260,8 +206,73 @@ void i4_rows(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sg
             }
             y[m * ldy + r] = tot - off[m][r];
         }
-#endif
 }
+
+#ifdef TY_AVX2
+// 8 consecutive output rows at once (AVX2; int4 layers have N % 8 == 0): per activation row, 8 integer
+// accumulators (one per weight row) are reduced across lanes once per block into one vector of 8 row sums,
+// so the per-group scaling is one vector operation for 8 rows (sb, zb: this block's [G][8] operands).
+// Activation rows run one after the other over the same 8 weight rows (from L1 after the first).
+template <int MB>
+void i4_block8(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sb, const uint8_t* zb, long G,
+               float* y, long ldy) {
+    const long nb = K / kb, gs = K / G, rb = K / 2;
+    const __m256i low = _mm256_set1_epi16(0x0f);
+    const __m128i low128 = _mm_set1_epi16(0x0f);
+    for (int m = 0; m < MB; m++) {
+        const int16_t* xm = a.q.data() + m * K;
+        __m256 tot = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+        __m256i vz = _mm256_setzero_si256();
+        for (long b = 0; b < nb; b++) {
+            const long g = b * kb / gs;
+            if (b * kb % gs == 0) {
+                vs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 8)));
+                vz = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zb + g * 8)));
+            }
+            __m256i acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_si256();
+            if (kb % 32 == 0) {
+                for (long k = b * kb; k < (b + 1) * kb; k += 32) {
+                    if (m == 0 && (k & 127) == 0)  // the same line of the block PF_BLOCKS ahead
+                        for (int r = 0; r < 8; r++)
+                            _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8 * PF_BLOCKS) * rb + k / 2),
+                                         _MM_HINT_T1);
+                    const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+                    const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k + 16));
+                    for (int r = 0; r < 8; r++) {
+                        const __m256i v = _mm256_cvtepu8_epi16(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
+                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_and_si256(v, low), xe));
+                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_srli_epi16(v, 4), xo));
+                    }
+                }
+            } else {
+                for (long k = b * kb; k < (b + 1) * kb; k += 16) {
+                    const __m128i xe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + k));
+                    const __m128i xo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + k + 8));
+                    for (int r = 0; r < 8; r++) {
+                        const __m128i v =
+                            _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
+                        const __m128i d = _mm_add_epi32(_mm_madd_epi16(_mm_and_si128(v, low128), xe),
+                                                        _mm_madd_epi16(_mm_srli_epi16(v, 4), xo));
+                        acc[r] = _mm256_add_epi32(acc[r], _mm256_inserti128_si256(_mm256_setzero_si256(), d, 0));
+                    }
+                }
+            }
+            // lane sums of the 8 accumulators → [row 0 .. row 7]
+            const __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]), t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+            const __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]), t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+            const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+            const __m256i rows = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                                  _mm256_permute2x128_si256(u0, u1, 0x31));
+            // s·sx·(Σ xq·q − z·Σ xq), exact in int32 up to the scaling
+            const __m256i d = _mm256_sub_epi32(rows, _mm256_mullo_epi32(vz, _mm256_set1_epi32(a.sum[m * nb + b])));
+            tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(vs, _mm256_set1_ps(a.scale[m * nb + b])), tot);
+        }
+        _mm256_storeu_ps(y + m * ldy, tot);
+    }
+}
+#endif
 
 // A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros, perm: act-order
 // column order (or null).
@@ -294,9 +305,8 @@ void row_group(const Act& a, const Proj& p, long n, float* y) {
 // Called by every thread of an enclosing parallel region (orphaned worksharing): groups of R = 8 / MB
 // output rows (sharing the activation loads) split statically between the threads, so each reads its share
 // of the weights as one sequential stream; the implicit barrier at the end of `omp for` ends the call.
-template <int MB>
-void gemm_rows(const Act& a, const Proj& p, float* y) {
-    constexpr int R = MB >= 4 ? 8 / MB : 1;
+template <int MB, int R>
+void gemm_rows_r(const Act& a, const Proj& p, float* y) {
     const long full = p.N / R;
 #pragma omp for schedule(static)
     for (long i = 0; i <= full; i++) {
@@ -306,6 +316,22 @@ void gemm_rows(const Act& a, const Proj& p, float* y) {
             for (long n = full * R; n < p.N; n++) row_group<MB, 1>(a, p, n, y);
         }
     }
+}
+
+template <int MB>
+void gemm_rows(const Act& a, const Proj& p, float* y) {
+    if (p.int8) {
+        gemm_rows_r<MB, (MB >= 4 ? 8 / MB : I8_ROWS)>(a, p, y);
+        return;
+    }
+#ifdef TY_AVX2
+#pragma omp for schedule(static)
+    for (long b = 0; b < p.N / 8; b++)  // int4: N % 8 == 0 (QuantSpec.check)
+        i4_block8<MB>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + b * 8 * (p.K / 2),
+                      static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, p.N8);
+#else
+    gemm_rows_r<MB, 1>(a, p, y);
+#endif
 }
 
 // y [M, N8] = x [M, K] · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds the activations).
