@@ -7,13 +7,14 @@ the formulas of tianying.model) as `ty_decode` in native.cpp: RMSNorm, the proje
 RoPE + cache write + attention, SwiGLU and the residuals of every layer inside one OpenMP region (no thread
 wake-ups between the ~60 matrix-vector products), with every pointer prepared once. q/k/v and gate/up are
 one product each: their canonical weights are concatenated once and the modules' `qweight` buffers become
-views of the fused tensor (still the canonical layout, no second copy). The LM head stays an ordinary (quantized or float) layer.
+views of the fused tensor (still the canonical layout, no second copy). The LM head stays an ordinary
+(quantized or float) layer.
 
 `Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
 padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
-whose projections are not all `QuantLinear`s served by the native kernels, without bias (act-order is fine: the columns are
-gathered while the activations are rounded), takes the ordinary path. The result equals the ordinary path
-up to summation order (tests/test_native_decode.py).
+whose projections are not all `QuantLinear`s served by the native kernels, without bias (act-order is
+fine: the columns are gathered while the activations are rounded), takes the ordinary path. The result
+equals the ordinary path up to summation order (tests/test_native_decode.py).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class _Proj:
         ptr = None if oz is None else oz.data_ptr()
         self.perm = None if m.perm is None else m.perm.to(torch.int64).contiguous()  # shared by all (`fusable`)
         self.struct = native.Proj(self.weight.data_ptr(), s.data_ptr(), ptr if self.int8 else None,
-                                  None if self.int8 else ptr, self.N, self.N8, self.K, kb, 1 if self.int8 else s.shape[1],
-                                  int(self.int8), None if self.perm is None else self.perm.data_ptr())
+                                  None if self.int8 else ptr, self.N, self.N8, self.K, kb,
+                                  1 if self.int8 else s.shape[1], int(self.int8),
+                                  None if self.perm is None else self.perm.data_ptr())
 
     @staticmethod
     def fusable(mods: list[QuantLinear]) -> bool:
