@@ -38,7 +38,7 @@ def _close(y: torch.Tensor, x: torch.Tensor, m: QuantLinear) -> None:
         w, x = w[:, m.perm], x[..., m.perm]
     x = x.float().reshape(-1, w.shape[1])
     ref = F.linear(x, w)
-    kb = native.act_block(m.in_features, m.spec.group_width(m.in_features), m.spec.bits)
+    kb = native.act_block(m.in_features, m.spec.group_width(m.in_features))
     xmax = x.abs().reshape(x.shape[0], -1, kb).amax(-1)  # [M, blocks]
     wsum = w.abs().reshape(w.shape[0], -1, kb).sum(-1)  # [N, blocks]
     bound = (xmax / 65534) @ wsum.t() + 1e-5 * (x.abs() @ w.abs().t()) + 1e-7
@@ -62,7 +62,7 @@ def test_kernels_read_the_canonical_layout_column_by_column(spec: QuantSpec) -> 
 
 def test_activation_block_choice() -> None:
     assert native.act_block(768, 128) == 128 and native.act_block(768, 768) == 256
-    assert native.act_block(688, 16, 4) == 16 and native.act_block(688, 688) == 16  # 688 = 16·43
+    assert native.act_block(688, 16) == 16 and native.act_block(688, 688) == 16  # 688 = 16·43
     assert native.supports(688, 16) and not native.supports(66, -1) and not native.supports(96, 8)
 
 

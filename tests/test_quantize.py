@@ -110,10 +110,8 @@ def test_every_backend_equals_reference(spec: QuantSpec, dtype: torch.dtype, act
                 "aten": ("int8_cpu" if _probe("int8_cpu") else None) if spec.bits == 8 else
                         ("int4_cpu" if _probe("int4_cpu") and g in (32, 64, 128, 256) else None),
                 "reference": "reference"}[backend]
-    if expected is None:
-        assert path == "reference"
-        pytest.skip(f"the {backend} backend has no kernel for {spec} on this machine (it serves the reference path)")
-    assert path == expected
+    # a backend without a kernel for this setting on this machine serves it by the reference path: checked too
+    assert path == (expected or "reference")
     y = fast(x)
     assert y.dtype == dtype and y.shape == (2, 5, 96)
     w = fast.dequantize()
@@ -510,7 +508,7 @@ def test_int4_kernel_pads_rows_to_32(monkeypatch: pytest.MonkeyPatch) -> None:
     if m.kernel(x) != "int4_cpu":
         pytest.skip("no int4 CPU kernel in this torch build")
     y = m(x)
-    cache = [v for k, v in m._fast.items() if k[0] == "int4_cpu"][0][1]
+    cache = m._fast["int4pack"]
     assert cache.data_ptr() != m.qweight.data_ptr() and m.qweight.shape == (40, 64)
     assert "int4pack" not in str(m.state_dict().keys())
     assert y.shape == (3, 40) and y.dtype == torch.float32

@@ -48,8 +48,7 @@ class _Proj:
             if self.int8:
                 offs = [o[2] if o[2] is not None else torch.zeros_like(o[1]) for o in ops]
                 any_off = any(o[2] is not None for o in ops)
-                self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat(offs) if any_off else None,
-                            torch.cat([o[3] for o in ops]))
+                self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat(offs) if any_off else None)
             else:
                 self.ops = (ops[0][0], torch.cat([o[1] for o in ops]), torch.cat([o[2] for o in ops]))
         self.K, self.N = m.in_features, self.weight.shape[0]

@@ -318,7 +318,7 @@ def self_check(path: str) -> bool:
     except (RuntimeError, NotImplementedError, AttributeError, OSError) as e:
         why = f"{type(e).__name__}: {e}"
     ok = not why
-    if not ok and why not in ("not in this torch build",):
+    if not ok and why != "not in this torch build":
         warnings.warn(f"quantized backend {path!r} switched off for this process: {why} (CPU capability "
                       f"{_cpu_capability()}); using the next backend", stacklevel=3)
     _CHECKED[path] = ok
@@ -334,7 +334,7 @@ def product_bound(x: torch.Tensor, w: torch.Tensor, path: str, spec: QuantSpec) 
     mag = x.abs() @ w.abs().t()
     if path == "native":
         K = x.shape[-1]
-        kb = native.act_block(K, spec.group_width(K), spec.bits)
+        kb = native.act_block(K, spec.group_width(K))
         xmax = x.abs().reshape(x.shape[0], -1, kb).amax(-1)  # [M, blocks]
         wsum = w.abs().reshape(w.shape[0], -1, kb).sum(-1)  # [N, blocks]
         return (xmax / 65534) @ wsum.t() + 1e-5 * mag + 1e-6
@@ -415,7 +415,6 @@ class QuantLinear(nn.Module):
             m.perm = perm
         if bias is not None:
             m.bias = bias.detach().to(dtype)
-        m.prepare()
         return m
 
     @classmethod
@@ -463,7 +462,7 @@ class QuantLinear(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.qweight.device.type != "cpu":
             return "reference"
         g = self.spec.group_width(self.in_features)
-        if forced in ("auto", "native") and native.supports(self.in_features, g, self.spec.bits) and (
+        if forced in ("auto", "native") and native.supports(self.in_features, g) and (
                 self.spec.bits == 4 or self.spec.group_size == -1) and native.available() and self_check("native"):
             return "native"
         if forced in ("auto", "aten"):
@@ -548,7 +547,7 @@ class QuantLinear(nn.Module):
             else:  # int4pack: ŵ = s(q − 8) + z' with z' = s(8 − z); padded rows get s = z' = 0
                 sz = torch.stack([s, s * (8.0 - self.zeros.float())], dim=-1)
                 sz = F.pad(sz, (0, 0, 0, -self.out_features % 32))
-                ops = (sz.to(x2.dtype).contiguous(), self._int4pack())
+                ops = (sz.to(x2.dtype).contiguous(),)
             if self.cache_ops:
                 self._fast[(path, x2.dtype)] = ops
         if path == "int8_cpu":
@@ -556,7 +555,12 @@ class QuantLinear(nn.Module):
             if ops[1] is not None:
                 y = y + x2.sum(dim=-1, keepdim=True) * ops[1]
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, ops[1], self.spec.group_width(self.in_features), ops[0])
+            packed = self._fast.get("int4pack")  # one per layer, whatever the activation dtype
+            if packed is None:
+                packed = self._int4pack()
+                if self.cache_ops:
+                    self._fast["int4pack"] = packed
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.spec.group_width(self.in_features), ops[0])
             if y.shape[-1] != self.out_features:
                 y = y[:, :self.out_features]
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
@@ -587,8 +591,6 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
     for name, lin in targets:
         q = QuantLinear.from_linear(lin, spec)
         q.backend = backend
-        if backend == "reference":
-            q.prepare()
         set_submodule(model, name, q)
         lin.weight = None  # release the float weight now (the model may hold the last reference)
     from tianying.quantize.decode import attach

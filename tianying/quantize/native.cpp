@@ -121,9 +121,8 @@ inline float hsum(__m256 v) {
 template <int MB, int R>
 void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, const float* o, float* y, long ldy) {
     const long nb = K / kb;
-    float off[MB];
-    for (int m = 0; m < MB; m++) off[m] = 0.f;
 #ifdef TY_AVX2
+    float off[MB] = {};  // Σ_b sx_b · Σ_{k∈b} xq, for the zero-point term
     __m256 tot[MB][R];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) tot[m][r] = _mm256_setzero_ps();
@@ -376,8 +375,8 @@ void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, long 
 
 // Rows [n0, n1) of Ŵ into out [n1 − n0, K] fp32 from the canonical tensors (w as above, scales fp16 bits
 // [G, N], zeros int16 [G, N]) with the reference's arithmetic: (q − z) · s, so bit-equal to it.
-void ty_dequant_i8(const int8_t* w, const uint16_t* s, const int16_t* z, long N, long K, long n0, long n1,
-                   float* out, int nt) {
+void ty_dequant_i8(const int8_t* w, const uint16_t* s, const int16_t* z, long K, long n0, long n1, float* out,
+                   int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (long n = n0; n < n1; n++) {
         const float zn = (float)z[n], sn = half_to_float(s[n]);

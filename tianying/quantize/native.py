@@ -95,7 +95,7 @@ def bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.ty_gemm_i8.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _P, _L, _I]
     lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _L, _P, _L, _I]
-    lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _L, _P, _I]
+    lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
     lib.ty_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, ctypes.c_float, _P, _L, _P, _P, _P, _P, _L, _L, _I]
     for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_decode):
@@ -144,7 +144,7 @@ def _rows_x8(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
 STEP = 16  # columns a kernel step takes (int8: 16 bytes; int4: 8 or 16 bytes)
 
 
-def act_block(k: int, group: int, bits: int = 8) -> int:
+def act_block(k: int, group: int) -> int:
     """Activation block for int16 rounding: the largest multiple of 16 ≤ 256 dividing the group (or K)."""
     g, st = (group if group > 0 else k), STEP
     for kb in range(min(g, 256) // st * st, st - 1, -st):
@@ -153,7 +153,7 @@ def act_block(k: int, group: int, bits: int = 8) -> int:
     raise ValueError(f"no activation block for group {g}")
 
 
-def supports(k: int, group: int, bits: int = 8) -> bool:
+def supports(k: int, group: int) -> bool:
     g = group if group > 0 else k
     return k % STEP == 0 and g % STEP == 0
 
@@ -161,15 +161,15 @@ def supports(k: int, group: int, bits: int = 8) -> bool:
 def operands(scales: torch.Tensor, zeros: torch.Tensor, int8: bool, k: int) -> tuple:
     """Kernel operands derived from a QuantLinear's scales fp16 [G, N] and zeros int16 [G, N] (padded to N8).
 
-    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric, z fp32); int4: (kb, s, z) in [N8/8, G, 8].
+    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric); int4: (kb, s, z) in [N8/8, G, 8].
     """
     pad = -scales.shape[1] % 8
     G = scales.shape[0]
-    kb = act_block(k, k // G, 8 if int8 else 4)
+    kb = act_block(k, k // G)
     if int8:
         s = torch.nn.functional.pad(scales[0].float(), (0, pad))
         z = torch.nn.functional.pad(zeros[0].float(), (0, pad), value=128.0)
-        return kb, s, None if bool((z == 128).all()) else (128.0 - z).contiguous(), z
+        return kb, s, None if bool((z == 128).all()) else (128.0 - z).contiguous()
     return kb, _rows_x8(scales.t().contiguous()), _rows_x8(zeros.t().to(torch.uint8))
 
 
@@ -178,8 +178,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def gemm_i8(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, o: torch.Tensor | None,
-            z: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_i8(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
     """x fp32 [M, K] contiguous, w canonical int8 [N, K], s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
     M, K = x.shape
     N = w.shape[0]
@@ -208,9 +207,9 @@ def dequant_i8(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n0: i
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows [n0, n1) of Ŵ = (q − z)·s as fp32 [n1 − n0, K] from the canonical tensors (w int8 [N, K], scales
     fp16 [1, N], zeros int16 [1, N], all contiguous), bit-equal to the reference dequantization."""
-    N, K = w.shape
+    K = w.shape[1]
     buf = _out(n0, n1, K, out)
-    _LIB.ty_dequant_i8(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, K, n0, n1, buf.data_ptr(), _threads())
+    _LIB.ty_dequant_i8(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), K, n0, n1, buf.data_ptr(), _threads())
     return buf
 
 
