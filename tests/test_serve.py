@@ -21,9 +21,9 @@ import torch
 import uvicorn
 
 from tianying.config import Config
+from tianying.engine import Engine, Request
 from tianying.model import build_model
 from tianying.serve.app import create_app
-from tianying.engine import Engine, Request
 
 FIXTURE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
 KEY = "sk-test-key"

@@ -515,8 +515,9 @@ class Engine:
         processed = process_logits(row, p, seen, s.generated)
         if p.greedy:
             return int(processed.argmax(-1))
-        if not bool(torch.isfinite(processed).any()):
-            raise GenerationError("no token is left to sample (check temperature/penalties)")
+        if not bool(torch.isfinite(processed.softmax(-1)).all()):
+            raise GenerationError("sampling has no valid distribution for this request (check temperature, "
+                                  "repetition_penalty and the other penalties)")
         return int(sample(processed, p, s.generator)[0])
 
     def _accept(self, s: _Seq, t: int, lp: TokenLogprob | None) -> None:
