@@ -425,3 +425,161 @@ def test_cli_serve_rejects_bad_options(ckpt, capsys):
 
     assert main(["serve", str(ckpt), "--max-concurrency", "0"]) == 2
     assert "max-concurrency" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI surface
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """transformers' LlamaForCausalLM on the same files: the logprobs the server reports must be its own."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def _ref_logprobs(reference, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_chat_logprobs_equal_transformers(client, llm, reference):
+    from tianying.templates import render_chat
+
+    r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    prompt = llm.tokenizer.encode(render_chat(HELLO, "aquila-chat"))
+    gen = llm.generate_ids([prompt], llm.sampling_params(max_new_tokens=8))[0]
+    assert [bytes(c.bytes) for c in content] == [llm.tokenizer.token_bytes(t) for t in gen]
+    ref = _ref_logprobs(reference, prompt + gen)
+    for j, (c, t) in enumerate(zip(content, gen)):
+        row = ref[len(prompt) - 1 + j]
+        assert abs(c.logprob - float(row[t])) < 1e-4
+        top = torch.topk(row, 5)
+        assert [x.logprob for x in c.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [bytes(x.bytes) for x in c.top_logprobs] == [llm.tokenizer.token_bytes(i) for i in top.indices]
+
+
+def test_completions_echo_scores_the_prompt_like_transformers(server, llm, reference):
+    """What loglikelihood clients send (lm-eval's local-completions): token ids, echo, logprobs=1, max_tokens 0."""
+    url, _ = server
+    prompts = [llm.tokenizer.encode("床前明月光，疑是地上霜。"), llm.tokenizer.encode("The Lord is my shepherd")]
+    body = {"model": "x", "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, headers=auth(), timeout=30)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for c, ids in zip(choices, prompts):
+        lp = c["logprobs"]
+        assert c["text"] == llm.tokenizer.decode(ids) and len(lp["tokens"]) == len(ids)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        ref = _ref_logprobs(reference, ids)
+        want = [float(ref[j - 1, ids[j]]) for j in range(1, len(ids))]
+        assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+        assert all(len(t) == 1 and max(t.values()) == pytest.approx(float(ref[j].max()), abs=1e-4)
+                   for j, t in enumerate(lp["top_logprobs"][1:]))
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_n_choices_share_the_prompt(client):
+    r = client.chat.completions.create(model="x", messages=HELLO, max_tokens=12, temperature=1.0, seed=3, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.message.content for c in r.choices) and r.choices[0].message.content != r.choices[1].message.content
+    assert 2 <= r.usage.completion_tokens <= 24  # counted over both choices; the prompt once
+    s = list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=12, temperature=1.0, seed=3, n=2,
+                                            stream=True))
+    texts = ["", ""]
+    for ch in s:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in r.choices]  # same seed, same choices, streamed
+
+
+def test_penalties_bias_and_ignored_fields(server, client, llm):
+    url, _ = server
+    # a +100 bias on one token makes it the only reply token
+    (tok,) = llm.tokenizer.encode("好")
+    r = client.completions.create(model="x", prompt="你好", max_tokens=4, temperature=0, logit_bias={str(tok): 100})
+    assert r.choices[0].text == "好" * 4
+    ids = httpx.post(url + "/v1/completions", headers=auth(), timeout=30, json={
+        "prompt": "你好", "max_tokens": 4, "temperature": 0, "logit_bias": {str(tok): 100}, "logprobs": 0}).json()
+    assert len(set(ids["choices"][0]["logprobs"]["tokens"])) == 1
+    # penalties reach the sampler: with equal biases on two tokens, a presence penalty alternates them
+    # (the arithmetic is tests/test_generate.py's; here only that the fields are honoured)
+    (tok2,) = llm.tokenizer.encode("天")
+    r = client.completions.create(model="x", prompt="你好", max_tokens=6, temperature=0, presence_penalty=2.0,
+                                  logit_bias={str(tok): 100, str(tok2): 100})
+    assert set(r.choices[0].text) == {"好", "天"}
+    # fields clients send that change nothing: accepted, named in a Warning header
+    resp = httpx.post(url + "/v1/chat/completions", headers=auth(), timeout=30, json={
+        "messages": HELLO, "max_tokens": 2, "store": False, "metadata": {"a": "b"}, "bogus_option": 1,
+        "messages_extra": None})
+    assert resp.status_code == 200 and "bogus_option" in resp.headers["warning"]
+    # assistant turns without content (tool-calling clients send them)
+    msgs = HELLO + [{"role": "assistant", "content": None}, {"role": "user", "content": "再说一遍"}]
+    assert client.chat.completions.create(model="x", messages=msgs, max_tokens=2).choices[0].message.content
+
+
+def test_a_poisoned_request_fails_alone(client, server, llm):
+    """Bad sampling values next to a long stream: the bad request gets an error, the stream is intact."""
+    kw = dict(model="x", messages=HELLO, max_tokens=120, temperature=0)
+    solo = client.chat.completions.create(**kw).choices[0].message.content
+    url, _ = server
+    result = {}
+
+    def long():
+        out = client.chat.completions.create(stream=True, **kw)
+        result["long"] = "".join(c.choices[0].delta.content or "" for c in out if c.choices)
+
+    t = threading.Thread(target=long)
+    t.start()
+    time.sleep(0.2)
+    bad = []
+    for extra in ({"repetition_penalty": 1e-308, "temperature": 1.0}, {"seed": 2**80}, {"logit_bias": {"3": 1e9}}):
+        r = httpx.post(url + "/v1/chat/completions", headers=auth(), timeout=30,
+                       json={"messages": HELLO, "max_tokens": 8, **extra})
+        bad.append(r.status_code)
+        assert r.json()["error"]["message"] and "Traceback" not in r.text
+    t.join(60)
+    assert all(400 <= s < 500 for s in bad), bad
+    assert result["long"] == solo
+    assert health(url)["running"] == 0
+
+
+def test_lm_eval_local_completions_agrees_with_tianying_eval(server, ckpt, tmp_path, monkeypatch):
+    """lm-evaluation-harness talking to `tianying serve` picks the same answer per item as `tianying eval`."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from tianying.cli import main
+
+    url, _ = server
+    data = Path(__file__).parent / "data" / "eval" / "poem_mc.jsonl"
+    limit = 6
+    (tmp_path / "poem_lm.yaml").write_text(f"""task: poem_lm
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{title}}}}\\n唐·{{{{author}}}}\\n{{{{question}}}}"
+doc_to_choice: "{{{{[A, B, C, D]}}}}"
+doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
+target_delimiter: "\\n"
+metric_list:
+  - metric: acc
+""", encoding="utf-8")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["poem_lm"], limit=limit, log_samples=True,
+        model_args=f"base_url={url}/v1/completions,model=tiny-chat,tokenizer={ckpt},"
+                   "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1",
+        task_manager=TaskManager(include_path=str(tmp_path)))
+    theirs = [max(range(4), key=lambda i: s["resps"][i][0][0]) for s in
+              sorted(out["samples"]["poem_lm"], key=lambda s: s["doc_id"])]
+    res = tmp_path / "ours.json"
+    assert main(["eval", str(ckpt), "--tasks", "poem_mc", "--data-dir", str(data.parent), "--limit", str(limit),
+                 "--output", str(res), "--no-progress"]) == 0
+    records = json.loads(res.read_text())["tasks"]["poem_mc"]["samples"]
+    assert len(records) == limit
+    assert ["ABCD".index(r["prediction"]) for r in records] == theirs
