@@ -168,7 +168,7 @@ def _unknown_fields(req: _Body) -> list[str]:
 # ---------------------------------------------------------------------------------------------- app
 def create_app(llm, *, model_name: str | None = None, api_key: str | None = None, max_concurrency: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024,
-               prefix_cache_bytes: int = 256 << 20) -> FastAPI:
+               prefix_cache_bytes: int = 256 << 20, prefill_chunk: int = 512) -> FastAPI:
     """A FastAPI app serving `llm` (a `tianying.api.LLM`); the engine's worker thread runs while the app is up."""
     from tianying.templates import get_template
 
@@ -176,7 +176,7 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
     template = get_template(llm.template)
     context = int(llm.config.max_position_embeddings)
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_concurrency, max_waiting=max_waiting,
-                    prefix_cache_bytes=prefix_cache_bytes)
+                    prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
     llm._engine = engine  # LLM.generate in the same process shares the engine (and its thread)
     created = int(time.time())
 
