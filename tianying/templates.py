@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -456,14 +457,21 @@ def _pick_source(value: object, where: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _read_json_object(path: Path) -> dict:
+def _read_json_object(path: Path, strict: bool = True) -> dict | None:
+    """The JSON object in `path` ({} when absent); a broken file raises, or gives None when not `strict`."""
     if not path.is_file():
         return {}
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if not strict:
+            return None
         raise TemplateError(f"{path}: not valid JSON ({_one_line(e)})") from None
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        if not strict:
+            return None
+        raise TemplateError(f"{path}: expected a JSON object")
+    return value
 
 
 def token_variables(directory: str | os.PathLike) -> dict[str, str]:
@@ -471,8 +479,8 @@ def token_variables(directory: str | os.PathLike) -> dict[str, str]:
     variables transformers gives every chat template; special_tokens_map.json wins, as it does there)."""
     d = Path(directory)
     out: dict[str, str] = {}
-    for f in ("tokenizer_config.json", "special_tokens_map.json"):
-        for k, v in _read_json_object(d / f).items():
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):  # broken files: the tokenizer loader says so
+        for k, v in (_read_json_object(d / f, strict=False) or {}).items():
             v = v.get("content") if isinstance(v, dict) else v
             if k.endswith("_token") and isinstance(v, str):
                 out[k] = v
@@ -497,7 +505,7 @@ def is_aquila_checkpoint(directory: str | os.PathLike | None, config=None) -> bo
     names = [getattr(config, "name", None)]
     if directory is not None:
         d = Path(directory)
-        raw = _read_json_object(d / "config.json") if d.is_dir() else {}
+        raw = (_read_json_object(d / "config.json", strict=False) or {}) if d.is_dir() else {}
         if raw.get("tianying_chat_template") or "dim" in raw and "n_layers" in raw:
             return True
         names += [raw.get("model_type"), *(raw.get("architectures") or []), d.resolve().name]
@@ -539,7 +547,10 @@ def write_chat_template(directory: str | os.PathLike, template: str | Template) 
     tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "tokenizer.model")
     if not any((d / f).is_file() for f in tokenizer_files):
         return
-    config = _read_json_object(d / "tokenizer_config.json")
+    config = _read_json_object(d / "tokenizer_config.json", strict=False)
+    if config is None:
+        warnings.warn(f"{d / 'tokenizer_config.json'} is not a JSON object; no chat_template written", stacklevel=2)
+        return
     config["chat_template"] = source
     _write_text(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     if (d / "chat_template.jinja").is_file():

@@ -24,8 +24,9 @@ def register(sub) -> None:
                         "else no key)")
     p.add_argument("--max-concurrency", type=int, default=8, metavar="N",
                    help="requests decoded at once; each holds one KV-cache slot of the context length (default: 8)")
-    p.add_argument("--template", default=None,
-                   help="chat template for /v1/chat/completions (default: the one stored with the checkpoint)")
+    p.add_argument("--chat-template", "--template", dest="template", default=None, metavar="NAME|FILE",
+                   help="chat template for /v1/chat/completions: an Aquila template name or a Jinja file "
+                        "(default: the checkpoint's own)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
                         "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")
