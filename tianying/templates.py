@@ -525,8 +525,11 @@ def checkpoint_template(directory: str | os.PathLike | None, config=None,
     variables = token_variables(directory) if directory is not None and Path(directory).is_dir() else {}
     if override is not None:
         return get_template(override, variables)
-    if config is not None and getattr(config, "chat_template", None):
-        return get_template(config.chat_template)
+    named = getattr(config, "chat_template", None)
+    if config is None and directory is not None and Path(directory).is_dir():
+        named = (_read_json_object(Path(directory) / "config.json", strict=False) or {}).get("tianying_chat_template")
+    if named:
+        return get_template(named)
     if directory is not None and Path(directory).is_dir() and not is_aquila_checkpoint(directory, config):
         own = own_template(directory)
         if own is not None:
