@@ -268,6 +268,18 @@ def test_every_saver_writes_the_template(tmp_path, saved):
     assert _hf(tmp_path / "tok").chat_template == jinja_source("aquila")
 
 
+def test_quantized_and_merged_checkpoints_carry_the_template(tmp_path, saved):
+    from tianying.config import Config
+    from tianying.model import build_model
+    from tianying.quantize import quantize_model
+    from tianying.quantize.format import save_quantized
+
+    cfg = Config.from_name("test-mha").replace(vocab_size=3008, chat_template="aquila-legacy")
+    model = quantize_model(build_model(cfg, seed=0), bits=8, group_size=16)
+    q = save_quantized(model, cfg, tmp_path / "q", tokenizer_dir=saved["aquila"])  # the source says "aquila"
+    assert _hf(q).chat_template == jinja_source("aquila-legacy")  # the config being written wins
+
+
 def test_written_template_reads_back_as_the_named_one(saved):
     from tianying.api import LLM
 
@@ -534,3 +546,27 @@ def test_llm_chat_encodes_content_as_text(saved, monkeypatch):
     assert params.stop[:2] == ("</s>", "[UNK]")
     llm.chat([{"role": "user", "content": "x"}], template="aquila-v2", legacy=True)
     assert llm.tokenizer.decode(seen[1][0][0]).endswith("<|endofpiece|> ")
+
+
+def test_llm_uses_a_foreign_checkpoints_own_template(tmp_path, saved, monkeypatch):
+    import json
+    import shutil
+
+    from tianying.api import LLM
+
+    d = tmp_path / "my-llama"
+    shutil.copytree(saved["aquila"], d)
+    conf = json.loads((d / "config.json").read_text())
+    del conf["tianying_chat_template"]
+    (d / "config.json").write_text(json.dumps(conf))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": CHATML}))
+    llm = LLM.load(d)
+    assert isinstance(llm.template, JinjaTemplate) and llm.template.source == CHATML
+    seen = []
+    monkeypatch.setattr(llm, "_stream", lambda prompts, params: seen.append((prompts, params)) or iter(["ok"]))
+    llm.chat(BILINGUAL)
+    assert llm.tokenizer.decode(seen[0][0][0]) == _hf(d).apply_chat_template(BILINGUAL, tokenize=False,
+                                                                             add_generation_prompt=True)
+    assert "<|im_end|>" in seen[0][1].stop
+    assert str(LLM.load(d, template="aquila-v1").template) == "aquila-v1"  # template= overrides
