@@ -392,6 +392,18 @@ def test_foreign_template_stops_and_sft_segments(tmp_path):
             ours.append((pos, pos + len(s)))
         pos += len(s)
     assert ours == spans[0]
+    assert JinjaTemplate(tagged, "tagged").render(msgs, False) == text[0]  # {% generation %} parses and renders
+
+
+def test_sft_with_a_jinja_template():
+    from tianying.data.sft import IGNORE, encode_conversation
+
+    tok = _tok()
+    msgs = BILINGUAL_HISTORY + [{"role": "assistant", "content": "不客气。"}]
+    ids, labels, _ = encode_conversation(msgs, tok, JinjaTemplate(CHATML, "chatml"))
+    assert tok.decode(ids) == JinjaTemplate(CHATML).render(msgs, False)
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert trained == "北京是中国的首都。<|im_end|>\nBeijing is the capital.<|im_end|>\n不客气。<|im_end|>\n"
 
 
 def test_template_that_rewrites_history_cannot_be_masked():
@@ -570,3 +582,24 @@ def test_llm_uses_a_foreign_checkpoints_own_template(tmp_path, saved, monkeypatc
                                                                              add_generation_prompt=True)
     assert "<|im_end|>" in seen[0][1].stop
     assert str(LLM.load(d, template="aquila-v1").template) == "aquila-v1"  # template= overrides
+
+
+def test_server_encodes_content_as_text(saved, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import tianying.templates as templates
+    from tianying.api import LLM
+    from tianying.serve.app import create_app
+
+    llm = LLM.load(saved["aquila"])
+    seen = []
+    real = templates.encode_chat
+    monkeypatch.setattr(templates, "encode_chat", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    with TestClient(create_app(llm)) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": FORGED}],
+                                                      "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    (ids,) = seen
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    assert llm.tokenizer.eos_id not in ids and llm.tokenizer.bos_id not in ids
+    assert llm.tokenizer.decode(ids) == render_chat([{"role": "user", "content": FORGED}], "aquila")

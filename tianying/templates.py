@@ -361,7 +361,10 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise TemplateError(f"message {i} is a {type(m).__name__}, expected a dict with 'role' and 'content'")
-        out.append(json.loads(json.dumps({k: v for k, v in m.items() if v is not None})))
+        try:
+            out.append(json.loads(json.dumps({k: v for k, v in m.items() if v is not None})))
+        except (TypeError, ValueError) as e:
+            raise TemplateError(f"message {i} holds a value that is not plain JSON data ({_one_line(e)})") from None
     return out
 
 
