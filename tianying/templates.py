@@ -15,6 +15,13 @@ Choices where the original is ambiguous:
 - A user-supplied system message replaces the template's system text. `aquila-legacy` and `aquila-v2` put a
   blank line after their system text; a replacement gets the same blank line (and so does one given to
   `aquila-v1`, whose own system text is empty: v2 is v1 plus a system text). An empty system renders nothing.
+
+Both ways with Jinja: `jinja_source(name)` is each Aquila template as a `chat_template` string that
+transformers' `apply_chat_template` renders identically; every saver puts it into tokenizer_config.json
+(`write_chat_template`). A checkpoint's own `chat_template` becomes a `JinjaTemplate`, rendered in a sandbox
+the way transformers renders it; `checkpoint_template` decides which one a checkpoint uses. Both kinds offer
+`name`, `render`, `segments` (SFT masks) and `stop_strings`. `encode_chat` turns a conversation into prompt ids
+in which special-token strings typed by a user stay text.
 """
 
 from __future__ import annotations
@@ -253,8 +260,11 @@ _JINJA = """{#- tianying chat template "NAME" (FlagAI's aquila2 conversation reg
 {%- endif -%}"""
 
 
-def jinja_source(name: str) -> str:
-    """The Aquila template `name` as a Jinja chat_template string (tokenizer_config.json, GGUF metadata)."""
+def jinja_source(name: str | Template) -> str:
+    """The Aquila template `name` as a Jinja chat_template string (tokenizer_config.json, GGUF metadata).
+
+    A `JinjaTemplate` gives its own source, so `jinja_source(checkpoint_template(dir))` is what to export.
+    """
     t = get_template(name)
     if not isinstance(t, ChatTemplate):
         return t.source
@@ -264,7 +274,7 @@ def jinja_source(name: str) -> str:
         "GENERATION": t.generation_prompt(),
     }
     out = _JINJA.replace('"NAME"', json.dumps(t.name))
-    for key, value in values.items():  # longest keys first: SYSTEM_SUFFIX before SYSTEM, SEP2 before SEP
+    for key, value in values.items():  # \b: SYSTEM does not match inside SYSTEM_SUFFIX, nor SEP in SEP2
         out = re.sub(rf"\b{key}\b", lambda _, v=value: json.dumps(v), out)
     return out
 
@@ -437,10 +447,10 @@ def _template_file(path: Path, variables: dict[str, str]) -> Template:
         if source is None:
             raise TemplateError(f"{path}: has no 'chat_template'")
         text = source
-    return _from_source(text, str(path), variables)
+    return template_from_source(text, str(path), variables)
 
 
-def _from_source(source: str, name: str, variables: dict[str, str]) -> Template:
+def template_from_source(source: str, name: str, variables: dict[str, str]) -> Template:
     """Our own Aquila Jinja (written by tianying) maps back to the named template; anything else is Jinja."""
     aquila = _aquila_by_source().get(source)
     return TEMPLATES[aquila] if aquila else JinjaTemplate(source, name, variables)
@@ -499,7 +509,7 @@ def own_template(directory: str | os.PathLike) -> JinjaTemplate | ChatTemplate |
         return _template_file(d / "chat_template.jinja", variables)
     source = _pick_source(_read_json_object(d / "tokenizer_config.json").get("chat_template"),
                           d / "tokenizer_config.json")
-    return _from_source(source, f"{d / 'tokenizer_config.json'}:chat_template", variables) if source else None
+    return template_from_source(source, f"{d / 'tokenizer_config.json'}:chat_template", variables) if source else None
 
 
 def is_aquila_checkpoint(directory: str | os.PathLike | None, config=None) -> bool:
