@@ -466,6 +466,8 @@ def test_list_form_without_default_is_one_line(tmp_path):
     ("{{ 'x' * 100000000 }}", "too long"),
     ("{{ 9 ** 99999999 }}", "exponent"),
     ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ("{% set ns = namespace(_x=1) %}{{ ns._x }}", "namespace attribute '_x'"),
+    ("{% set ns = namespace() %}{% set ns.__class__ = 1 %}", "namespace attribute '__class__'"),
     ("{{ messages[0]['content'] + 1 }}", "TypeError"),
     ("{% for m in messages %}\n{{ m['content'] }", "invalid Jinja chat template \\(line 2"),
 ])

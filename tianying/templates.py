@@ -417,6 +417,22 @@ def _compile(source: str, name: str):
         def _body(self, caller):
             return caller()
 
+    class Namespace(jinja2.utils.Namespace):  # no underscore attributes: nothing to reach CPython internals by
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for key in attrs:
+                Namespace._check(key)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, key, value):
+            Namespace._check(key)
+            jinja2.utils.Namespace.__setitem__(self, key, value)
+
+        @staticmethod
+        def _check(key):
+            if isinstance(key, str) and key.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {key!r} is not allowed")
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -427,6 +443,7 @@ def _compile(source: str, name: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["namespace"] = Namespace
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
