@@ -605,3 +605,33 @@ def test_server_encodes_content_as_text(saved, monkeypatch):
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
     assert llm.tokenizer.eos_id not in ids and llm.tokenizer.bos_id not in ids
     assert llm.tokenizer.decode(ids) == render_chat([{"role": "user", "content": FORGED}], "aquila")
+
+
+def test_finetune_with_a_jinja_file_keeps_it_in_the_checkpoint(tmp_path, saved):
+    import json
+
+    from tianying.api import LLM
+    from tianying.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                      {"role": "assistant", "content": f"{w} {w}"}]})
+                              for w in ("red", "blue", "tea", "sun")))
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(CHATML)
+    out = tmp_path / "run"
+    rc = main(["finetune", "--method", "full", "--data", str(data), "--checkpoint", str(saved["aquila"]),
+               "--out-dir", str(out), "--chat-template", str(chatml), "seq_length=160", "batch_size=2",
+               "max_steps=1", "progress=false", "tensorboard=false", "plot=false"])
+    assert rc == 0
+    final = out / "final"
+    assert "tianying_chat_template" not in json.loads((final / "config.json").read_text())
+    assert _hf(final).chat_template == CHATML
+    t = LLM.load(final).template
+    assert isinstance(t, JinjaTemplate) and t.source == CHATML
+    # and a named override lands in config.json as the name (and in tokenizer_config.json as Jinja)
+    rc = main(["finetune", "--method", "full", "--data", str(data), "--checkpoint", str(saved["aquila"]),
+               "--out-dir", str(tmp_path / "run2"), "--chat-template", "aquila-v2", "seq_length=160",
+               "batch_size=2", "max_steps=1", "progress=false", "tensorboard=false", "plot=false"])
+    assert rc == 0 and str(LLM.load(tmp_path / "run2" / "final").template) == "aquila-v2"
+    assert _hf(tmp_path / "run2" / "final").chat_template == jinja_source("aquila-v2")

@@ -328,6 +328,7 @@ def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, templa
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # what peft users expect nearby
             if (path / name).is_file() and not (Path(d) / name).exists():
                 Path(d, name).write_bytes((path / name).read_bytes())
+        write_chat_template(d, template)  # the template the adapter was trained with
 
     def load(d: Path) -> dict:
         _, weights, _ = read_adapter(d)
