@@ -582,7 +582,8 @@ def write_chat_template(directory: str | os.PathLike, template: str | Template) 
         return
     config = _read_json_object(d / "tokenizer_config.json", strict=False)
     if config is None:
-        warnings.warn(f"{d / 'tokenizer_config.json'} is not a JSON object; no chat_template written", stacklevel=2)
+        warnings.warn("the tokenizer_config.json being written is not a JSON object; no chat_template added to it",
+                      stacklevel=2)
         return
     config["chat_template"] = source
     _write_text(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2) + "\n")
