@@ -21,13 +21,13 @@ from tianying.generate import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: torch.nn.Module, tokenizer, config: Config, template: str | None = None,
+    def __init__(self, model: torch.nn.Module, tokenizer, config: Config, template: Any = None,
                  path: str | Path | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
         self.path = Path(path) if path else None
-        self.template = template or _default_template(config, self.path)
+        self.template = _default_template(config, self.path, template)  # a tianying.templates template
         self._engine = None
 
     @property
@@ -43,13 +43,14 @@ class LLM:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
-             template: str | None = None, lora: str | Path | None = None, quantize: str | None = None,
+             template: str | Path | None = None, lora: str | Path | None = None, quantize: str | None = None,
              memory_limit: str | int | None = None) -> LLM:
         """Load a checkpoint directory (Hugging Face or FlagAI layout) with its tokenizer.
 
         Args:
             dtype: "fp32" | "bf16" | "fp16" or a torch dtype; None → fp32 on CPU, the checkpoint's dtype on GPU.
-            template: chat template name; default from the checkpoint (config.json), else by model name.
+            template: chat template: an Aquila template name or a Jinja file; default: the checkpoint's (see
+                `tianying.templates.checkpoint_template`).
             lora: a PEFT adapter directory to apply on load.
             quantize: "int8" | "int4" to quantize weights on load.
             memory_limit: e.g. "2GiB": stream layers from disk to stay within the budget.
@@ -120,18 +121,19 @@ class LLM:
             raise TianyingError("stream=True takes a single prompt")
         return self.generate_batch([self.encode_prompt(p, bos=bos) for p in prompt], params)
 
-    def chat(self, messages: Sequence[dict], template: str | None = None, *, stream: bool = False,
+    def chat(self, messages: Sequence[dict], template: Any = None, *, stream: bool = False,
              **sampling: Any) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template."""
-        from tianying.templates import get_template, render_chat
+        """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template (or
+        `template`: a name or a Jinja file). Special-token strings inside the messages stay plain text."""
+        from tianying.templates import encode_chat
 
-        tpl = get_template(template or self.template)
-        prompt = render_chat(list(messages), tpl.name)
-        if sampling.get("legacy"):
-            prompt += " "  # the seed's predict() appends one space after the rendered prompt
+        tpl = _default_template(self.config, self.path, template) if template is not None else self.template
+        # the seed's predict() appends one space after the rendered prompt
+        ids = encode_chat(self.tokenizer, list(messages), tpl, suffix=" " if sampling.get("legacy") else "")
         stops = sampling.pop("stop", None) or []
         sampling["stop"] = list(tpl.stop_strings) + ([stops] if isinstance(stops, str) else list(stops))
-        return self.generate(prompt, stream=stream, **sampling)
+        pieces = self._stream([ids], self.sampling_params(**sampling))
+        return pieces if stream else "".join(pieces)
 
     def encode_prompt(self, prompt: str, bos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=bos)
@@ -180,13 +182,10 @@ def _legacy_cleanup(text: str) -> str:
     return text[1:] if text.startswith(" ") else text
 
 
-def _default_template(config: Config, path: Path | None) -> str:
-    from tianying.templates import template_for_model
+def _default_template(config: Config, path: Path | None, template: Any = None):
+    from tianying.templates import checkpoint_template
 
-    if config.chat_template:
-        return config.chat_template
-    name = config.name if config.name not in ("custom", None) else (path.name if path else "")
-    return template_for_model(name)
+    return checkpoint_template(path, config, template)
 
 
 def _load_with_extras(path: Path, device, dtype, lora=None, quantize=None, memory_limit=None):

@@ -514,7 +514,7 @@ def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path) -> None:
+def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path, cfg: Config | None = None) -> None:
     if tokenizer_dir is None:
         return
     src = Path(tokenizer_dir)
@@ -525,6 +525,10 @@ def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path) -> None:
             shutil.copyfile(src / name, out / name)
             with open(out / name, "rb+") as f:
                 os.fsync(f.fileno())
+    from tianying.templates import checkpoint_template, write_chat_template
+
+    # the template as Jinja too, so transformers / vLLM / llama.cpp render the chats tianying renders
+    write_chat_template(out, checkpoint_template(src, cfg))
 
 
 def _prepare(model_or_sd: nn.Module | Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
@@ -579,7 +583,7 @@ def save_hf(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg: Co
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(tmp / "config.json", hf)
         _write_json(tmp / "generation_config.json", gen)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg)
     return Path(out_dir)
 
 
@@ -611,7 +615,7 @@ def save_flagai(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg
             f.flush()
             os.fsync(f.fileno())
         _write_json(tmp / "config.json", conf)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg)
     return Path(out_dir)
 
 

@@ -187,6 +187,18 @@ class Tokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with special-token strings in it read as plain text (user content inside a chat).
+
+        `encode(add_special_tokens=False)` of `tokenizers` still matches added tokens, so this runs the
+        normaliser, pre-tokenizer and BPE model directly, as transformers' `_encode_without_added_tokens` does.
+        """
+        tok = self._tok
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)] if tok.pre_tokenizer is not None else [text]
+        return [t.id for s in splits for t in tok.model.tokenize(s)]
+
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel threads inside `tokenizers`."""
         out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -223,8 +235,11 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write an HF directory that our `from_dir` and transformers' AutoTokenizer/GPT2Tokenizer both load."""
+    def save(self, directory: str | os.PathLike, chat_template: str | None = None) -> None:
+        """Write an HF directory that our `from_dir` and transformers' AutoTokenizer/GPT2Tokenizer both load.
+
+        `chat_template`: a Jinja source (`tianying.templates.jinja_source(name)`) for tokenizer_config.json.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,6 +271,7 @@ class Tokenizer:
                          "single_word": False, "special": True}
                 for t, i in self.special_tokens.items()
             },
+            **({"chat_template": chat_template} if chat_template else {}),
         }
         _write(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
 

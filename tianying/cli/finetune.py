@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML config (see configs/finetune-*.yaml)")
     p.add_argument("--out-dir", default=None, metavar="DIR", help="overrides `out_dir:`")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="an Aquila template name or a Jinja file (default: the checkpoint's own); "
+                        "overrides `template:`")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
     g = p.add_argument_group("memory levers")
     g.add_argument("--activation-checkpointing", action="store_true",
@@ -39,7 +42,8 @@ def run(args) -> int:
 
     # command-line flags as config overrides (key=value, as after --config); later overrides win
     values = {"method": args.method, "data": args.data, "valid_data": args.valid_data,
-              "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum}
+              "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum,
+              "template": args.chat_template}
     flags = [f"{k}={v if k == 'method' else json.dumps(v)}" for k, v in values.items() if v]
     switches = {"skip_bad=true": args.skip_bad, "activation_checkpointing=true": args.activation_checkpointing,
                 "pack=true": args.pack, "precision=bf16": args.bf16}

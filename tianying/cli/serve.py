@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="prompt tokens computed per step, between the decode steps of running streams "
                         "(default: 512); smaller keeps streams smoother while a long prompt comes in")
-    p.add_argument("--template", default=None,
-                   help="chat template for /v1/chat/completions (default: the one stored with the checkpoint)")
+    p.add_argument("--chat-template", "--template", dest="template", default=None, metavar="NAME|FILE",
+                   help="chat template for /v1/chat/completions: an Aquila template name or a Jinja file "
+                        "(default: the checkpoint's own)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
                         "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")

@@ -504,7 +504,8 @@ def evaluate(lm: EvalLM | None, tasks: Iterable[str], data_dir: Path, *, num_few
 
     loaded = [load_task(t) for t in tasks]
     out: dict[str, Any] = {"data_dir": str(data_dir), "limit": limit,
-                           "chat_template": lm.chat_template if lm else None, "tasks": {}, "table": []}
+                           "chat_template": str(lm.chat_template) if lm and lm.chat_template else None,
+                           "tasks": {}, "table": []}
     for task in loaded:
         k = int(task.get("num_fewshot", 0) if num_fewshot is None else num_fewshot)
         if task.output_type in ("code_execution", "loglikelihood_rolling"):

@@ -564,7 +564,10 @@ def save_quantized(model: nn.Module, cfg: Config, out_dir: str | Path, tokenizer
         aq = {k: v for k, v in qc.items() if k not in ("quant_method", "tianying_method")}
         (tmp / "quantize_config.json").write_text(json.dumps(aq, indent=2) + "\n", encoding="utf-8")
         if tokenizer_dir is not None:
+            from tianying.templates import checkpoint_template, write_chat_template
+
             copy_side_files(Path(tokenizer_dir), tmp)
+            write_chat_template(tmp, checkpoint_template(tokenizer_dir, cfg))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -251,13 +251,13 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
                 raise APIError(400, f"'messages.{i}.content' may be null only in assistant messages.",
                                param=f"messages.{i}.content", code="invalid_value")
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
-        try:
-            from tianying.templates import render_chat
+        try:  # special-token strings in the messages are encoded as text: only the template writes control tokens
+            from tianying.templates import encode_chat
 
-            prompt = render_chat(messages, template.name)
+            # a long prompt must not stall streams
+            ids = await asyncio.to_thread(encode_chat, llm.tokenizer, messages, template)
         except TianyingError as e:
             raise APIError(400, str(e), param="messages", code="invalid_messages") from None
-        ids = await asyncio.to_thread(_encode, llm, prompt, "messages")  # a long prompt must not stall streams
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if req.top_logprobs is not None and not req.logprobs:
