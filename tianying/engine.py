@@ -406,6 +406,7 @@ class Engine:
             cache.k[:, s.row, :, sl] = kb
             cache.v[:, s.row, :, sl] = vb
         n = len(blocks) * BLOCK
+        cache.written[s.row] = max(cache.written[s.row], n)
         cache.lengths[s.row] = n
         s.prefilled = s.cached = n
         self.prefix.hits += n

@@ -71,11 +71,14 @@ class KVCache:
         self.slots = self.window + self.sinks if self.window else int(capacity)
         self.capacity = 2**62 if self.window else int(capacity)  # positions a row may reach
         shape = (cfg.n_layer, rows, cfg.n_kv_head, self.slots, cfg.head_dim)
-        # zeros, not empty: a ragged step multiplies masked-out slots too, and uninitialised memory may hold NaN
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty: untouched pages cost no memory, so rows × context can be sized generously. A ragged step
+        # multiplies masked-out slots too, and uninitialised memory may hold NaN (0 · NaN is NaN), so slots a row
+        # never wrote are zeroed the first time a step reads past them (`written`).
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.rows = rows
         self.lengths = [0] * rows
+        self.written = [0] * rows  # slots [0, written) of a row hold finite values
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int, capacity: int, dtype: torch.dtype | None = None,
@@ -138,6 +141,7 @@ class KVCache:
         self.k[:, dst, :, :held] = self.k[:, src, :, :held]
         self.v[:, dst, :, :held] = self.v[:, src, :, :held]
         self.lengths[dst] = n
+        self.written[dst] = max(self.written[dst], held)
 
 
 class CacheRows:
@@ -188,13 +192,22 @@ class CacheStep:
             if self.uniform:
                 s = n if not W else (n if n < cache.sinks else cache.sinks + (n - cache.sinks) % W)
                 self._write = ("narrow", s)
+                for r in range(lo, hi):
+                    cache.written[r] = max(cache.written[r], s + 1)
             else:
+                for r in range(lo, hi):  # every row reads `keys` slots: none of them may be uninitialised
+                    if cache.written[r] < self.keys:
+                        cache.k[:, r, :, cache.written[r]:self.keys] = 0
+                        cache.v[:, r, :, cache.written[r]:self.keys] = 0
+                        cache.written[r] = self.keys
                 pos = torch.tensor(lengths, device=device)
                 self._write = ("rows", torch.arange(hi - lo, device=device), cache.slot(pos))
                 self.mask = (torch.arange(self.keys, device=device)[None, :]
                              < torch.tensor(held, device=device)[:, None])[:, None, None, :]
             return
         q_idx = torch.arange(n, n + T, device=device)
+        for r in range(lo, hi):
+            cache.written[r] = max(cache.written[r], min(n + T, slots))
         if not W:
             self._write = ("narrow", n)
             self.keys = n + T
