@@ -511,6 +511,16 @@ def check_finite(model: torch.nn.Module, where: str | Path = "the checkpoint") -
         raise CheckpointError(f"{where}: NaN or Inf in {', '.join(bad[:3])}{more}")
 
 
+def check_files(path: str | Path) -> None:
+    """`check_finite` on the tensors of a checkpoint's files (for models whose weights are not all resident)."""
+    bad: list[str] = []
+    for file in weight_files(path):
+        bad += nonfinite(iter_tensors(file))
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}")
+
+
 def tie_embeddings(model: torch.nn.Module) -> None:
     """For `tie_word_embeddings` configs, make the LM head share the embedding table again: a loader that
     assigns tensors parameter by parameter (load_state_dict(assign=True), streaming) leaves them separate."""
