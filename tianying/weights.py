@@ -627,18 +627,25 @@ def atomic_dir(out_dir: str | Path, marker: str | None = "config.json") -> Itera
         os.chmod(tmp, 0o755)
         yield tmp
         fsync_dir(tmp)
-        if not out_dir.exists():
-            os.rename(tmp, out_dir)
-        elif _exchange(tmp, out_dir):
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old version
-        else:
-            # a crash between these two renames leaves the old checkpoint complete under `old`
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "ckpt")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(out_dir.parent)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, out_dir: Path) -> None:
+    """Put the complete directory `new` (files already fsynced) at `out_dir`, replacing any old version only
+    once `new` is in place: one atomic swap where the kernel can (renameat2), else the old one is renamed
+    aside first, so a crash between the two renames leaves it complete under `.NAME.old-*`."""
+    new, out_dir = Path(new), Path(out_dir)
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+    elif _exchange(new, out_dir):
+        shutil.rmtree(new, ignore_errors=True)  # now the old version
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "ckpt")
+        os.rename(new, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out_dir.parent)
 
