@@ -324,6 +324,35 @@ def test_tied_model_trains_one_table(tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == cfg.n_params
 
 
+def test_tied_checkpoints_through_every_loader_and_writer(tmp_path):
+    """FlagAI (no tied layout: the head gets a copy), GPTQ (head not quantized: still tied) and the memory-limited
+    streamer all keep a tied model's logits."""
+    from tianying.checkpoint import convert
+    from tianying.quantize import quantize_model
+    from tianying.quantize.format import load_quantized, save_quantized
+    from tianying.quantize.offload import load_with_memory_limit
+
+    cfg = Config.from_name("test-mha", tie_word_embeddings=True, n_layer=4)
+    model = build_model(cfg, seed=0).eval()
+    hf = save_hf(model, cfg, tmp_path / "hf")
+    x = torch.arange(11)[None]
+    with torch.no_grad():
+        want = model(x)
+        flagai = convert(hf, tmp_path / "flagai", to="flagai")
+        loaded, fcfg = load_model(flagai)
+        assert not fcfg.tie_word_embeddings and torch.equal(loaded(x), want)
+        with pytest.warns(UserWarning, match="stream from disk"):  # 128 KiB table + 4 × 196 KiB layers
+            streamed = load_with_memory_limit(hf, 690_000, verbose=False)[0]
+        assert streamed.memory_plan.streamed and torch.equal(streamed(x), want)
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+
+        quantize_model(model, bits=8)
+        want_q = model(x)
+        q = load_quantized(save_quantized(model, cfg, tmp_path / "gptq"))[0]
+        assert q.lm_head.weight is q.model.embed_tokens.weight
+        assert torch.equal(q(x), want_q)
+
+
 def test_aquila_repairs_only_for_aquila_files(tmp_path):
     """A base-vocab-only Aquila tokenizer still gets the 8 specials appended (with a warning); a non-Aquila one
     whose specials sit at 0..3 does not."""
