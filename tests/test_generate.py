@@ -15,10 +15,17 @@ from tianying.generate import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    generate_tokens,
     process_logits,
 )
 from tianying.model import build_model
+
+
+def generate_tokens(model, prompts, params):
+    """New ids of one prompt (stop ids end it and are not included) through the engine."""
+    from tianying.engine import Engine
+
+    out = Engine(model, prefix_cache_bytes=0).generate_ids(prompts, params)
+    return out[0] if len(prompts) == 1 else out
 
 
 class FixedLogits(nn.Module):
@@ -27,12 +34,12 @@ class FixedLogits(nn.Module):
     def __init__(self, logits):
         super().__init__()
         self.logits = torch.tensor(logits, dtype=torch.float32)
-        self.config = Config.from_name("test-mha").replace(vocab_size=len(logits))
+        self.config = Config.from_name("test-mha").replace(vocab_size=len(logits), max_position_embeddings=1024)
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(self, ids, cache=None, positions=None, pad_mask=None, last_only=False):
         if cache is not None:
-            cache.pos += ids.shape[1]
+            cache.end(cache.begin(ids.shape[1]))
         T = 1 if last_only else ids.shape[1]
         return self.logits.expand(ids.shape[0], T, -1)
 
@@ -84,7 +91,7 @@ def test_legacy_bans_eos_as_first_token_and_greedy_is_top1():
     p = SamplingParams(max_new_tokens=2, legacy=True, stop_token_ids=(2,))
     assert p.top_k == 1 and p.temperature == 1.0
     toks = [int(t) for t in generate_tokens(model, [[0]], p)]
-    assert toks == [1, 2]
+    assert toks == [1]  # then the stop id 2
 
 
 def test_greedy_and_stop_ids():
@@ -92,7 +99,7 @@ def test_greedy_and_stop_ids():
     toks = [int(t) for t in generate_tokens(model, [[0, 1]], SamplingParams(max_new_tokens=5))]
     assert toks == [1] * 5
     toks = [int(t) for t in generate_tokens(model, [[0]], SamplingParams(max_new_tokens=5, stop_token_ids=(1,)))]
-    assert toks == [1]
+    assert toks == []  # the first token is the stop id
 
 
 def test_seed_reproduces_and_sampling_follows_distribution():
@@ -155,25 +162,23 @@ def test_greedy_equals_transformers(name):
     assert ours == ref[0, 9:].tolist()
 
 
-def test_batch_with_left_padding_equals_unbatched():
+def test_batch_of_different_lengths_equals_unbatched():
     cfg = Config.from_name("test-gqa")
     model = build_model(cfg, seed=2).eval()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 1, 8)]
     p = SamplingParams(max_new_tokens=12)
     alone = [[int(t) for t in generate_tokens(model, [pr], p)] for pr in prompts]
-    steps = list(generate_tokens(model, prompts, p))
-    batched = torch.stack(steps, 1).tolist()
-    assert batched == alone
+    assert generate_tokens(model, prompts, p) == alone
 
 
-def test_batch_left_padding_logits_match_transformers():
+def test_batch_of_different_lengths_matches_transformers_left_padded():
     cfg = Config.from_name("test-mha")
     model = build_model(cfg, seed=4).eval()
     hf = hf_twin(cfg, model)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     p = SamplingParams(max_new_tokens=10)
-    ours = torch.stack(list(generate_tokens(model, prompts, p)), 1)
+    ours = torch.tensor(generate_tokens(model, prompts, p))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 11, 12, 13]])
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 
 from tianying.config import Config
 from tianying.errors import TianyingError
-from tianying.generate import SamplingParams, StopMatcher, generate_tokens
+from tianying.generate import SamplingParams
 
 
 class LLM:
@@ -28,6 +28,17 @@ class LLM:
         self.config = config
         self.path = Path(path) if path else None
         self.template = template or _default_template(config, self.path)
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The engine every generation of this LLM runs on (built on first use; `tianying serve` starts its
+        worker thread)."""
+        if self._engine is None:
+            from tianying.engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer)
+        return self._engine
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -87,13 +98,16 @@ class LLM:
     def sampling_params(self, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                         top_p: float | None = None, repetition_penalty: float = 1.0,
                         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-                        seed: int | None = None, legacy: bool = False) -> SamplingParams:
+                        seed: int | None = None, legacy: bool = False, **more: Any) -> SamplingParams:
+        """SamplingParams with this model's EOS as the default stop id; `more`: presence_penalty,
+        frequency_penalty, logit_bias, logprobs, prompt_logprobs, n, min_new_tokens."""
         if isinstance(stop, str):
             stop = [stop]
         ids = list(stop_token_ids) if stop_token_ids is not None else [self.config.eos_token_id]
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, legacy=legacy,
-                              stop_token_ids=tuple(i for i in ids if i is not None), stop=tuple(stop or ()))
+                              stop_token_ids=tuple(i for i in ids if i is not None), stop=tuple(stop or ()),
+                              **more)
 
     def generate(self, prompt: str | Sequence[str], *, stream: bool = False, bos: bool = False,
                  **sampling: Any) -> str | list[str] | Iterator[str]:
@@ -134,49 +148,32 @@ class LLM:
         return ids
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        """New token ids per prompt (stop ids excluded; text-level stops are not applied)."""
-        rows: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        stop_ids = set(params.stop_token_ids)
-        for step in generate_tokens(self.model, prompts, params, pad_id=self._pad_id(), device=self.device):
-            for i, t in enumerate(step.tolist()):
-                if done[i]:
-                    continue
-                if t in stop_ids:
-                    done[i] = True
-                else:
-                    rows[i].append(t)
-        return rows
+        """New token ids per prompt (stop ids excluded; text-level stops are applied)."""
+        return self.engine.generate_ids(prompts, params)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[str]:
-        out = []
-        for ids in self.generate_ids(prompts, params):
-            m = StopMatcher(params.stop)
-            text = m.feed(self.tokenizer.decode(ids)) + m.flush()
-            out.append(_legacy_cleanup(text) if params.legacy else text)
-        return out
+        from tianying.engine import Request
+
+        reqs = [Request(list(p), params) for p in prompts]
+        texts = {r.id: "" for r in reqs}
+        for r, ev in self.engine.run(reqs):
+            if ev.error:
+                raise TianyingError(f"generation failed: {ev.error}")
+            texts[r.id] += ev.text
+        return [_legacy_cleanup(texts[r.id]) if params.legacy else texts[r.id] for r in reqs]
 
     def _stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        matcher = StopMatcher(params.stop)
-        stop_ids = set(params.stop_token_ids)
+        from tianying.engine import Request
+
         first = params.legacy  # the seed drops a single leading space of the reply
-        for step in generate_tokens(self.model, prompts, params, pad_id=self._pad_id(), device=self.device):
-            t = int(step[0])
-            if t in stop_ids:
-                break
-            piece = matcher.feed(decoder.add(t))
+        for _, ev in self.engine.run([Request(list(prompts[0]), params)]):
+            if ev.error:
+                raise TianyingError(f"generation failed: {ev.error}")
+            piece = ev.text
             if first and piece:
                 piece, first = (piece[1:] if piece.startswith(" ") else piece), False
             if piece:
                 yield piece
-            if matcher.stopped:
-                return
-        tail = matcher.feed(decoder.flush()) + matcher.flush()
-        if first and tail.startswith(" "):
-            tail = tail[1:]
-        if tail:
-            yield tail
 
     @property
     def pad_id(self) -> int:
