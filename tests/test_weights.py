@@ -301,6 +301,15 @@ def test_any_llama_checkpoint_matches_transformers(tmp_path):
         for model in (llm.model, load_model(d)[0]):
             assert (model(x) - want).abs().max().item() <= 1e-4
 
+    # greedy generation end to end (engine, KV cache, stop on EOS) gives transformers' tokens
+    prompt = "北京 hello"
+    p_ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref_out = ref.generate(torch.tensor([p_ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                               pad_token_id=3)[0, len(p_ids):].tolist()
+    ours = llm.generate_ids([p_ids], llm.sampling_params(max_new_tokens=8, stop_token_ids=[]))[0]
+    assert ours == ref_out
+
     # and back: what we write is a tied checkpoint transformers reads the same way
     out = save_hf(llm.model, llm.config, tmp_path / "ours", tokenizer_dir=d)
     raw = json.loads((out / "config.json").read_text())
