@@ -362,6 +362,43 @@ def test_tied_checkpoints_through_every_loader_and_writer(tmp_path):
         assert torch.equal(q(x), want_q)
 
 
+def test_sentencepiece_style_tokenizer_json(tmp_path):
+    """LLaMA-2 / Mistral-style tokenizer.json (▁ word marks, <0xHH> byte fallback, Strip decoder) as transformers
+    saves it: the same ids, decode, and a stream decoder whose pieces add up to decode."""
+    from tokenizers import AddedToken, decoders, models, normalizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from transformers import PreTrainedTokenizerFast
+
+    from tianying.tokenizer import Tokenizer
+
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base = Backend(models.BPE())
+    base.normalizer = norm
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    base.train_from_iterator(["hello world, the world says hello"] * 30, trainer=trainer)
+    spec = json.loads(base.to_str())["model"]
+    vocab = dict(spec["vocab"])
+    for b in range(256):  # Chinese is not in the trained alphabet: it falls back to these byte tokens
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = norm
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(tmp_path)
+
+    tok = Tokenizer.from_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, None, len(hf))
+    for text in (BILINGUAL, "hello 北京 world, 你好!", "<s>hello</s> 世界"):
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == hf.decode(ids)
+        stream = tok.stream_decoder()
+        assert "".join(stream.add(i) for i in ids) + stream.flush() == tok.decode(ids)
+
+
 def test_aquila_repairs_only_for_aquila_files(tmp_path):
     """A base-vocab-only Aquila tokenizer still gets the 8 specials appended (with a warning); a non-Aquila one
     whose specials sit at 0..3 does not."""

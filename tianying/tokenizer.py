@@ -229,11 +229,18 @@ class Tokenizer:
         """id -> raw bytes for BPE tokens; None for special tokens (they decode to their own text)."""
         out: list[bytes | None] = [None] * self.vocab_size
         specials = set(self.special_tokens.values())
-        byte_level = type(self._tok.decoder).__name__ == "ByteLevel"
+        byte_level = [d.get("type") for d in self._decoder_steps] == ["ByteLevel"]
         for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
             if i not in specials:
                 out[i] = bytes(BYTE_DECODER[c] for c in tok) if byte_level else _piece_bytes(tok)
         return out
+
+    @cached_property
+    def _decoder_steps(self) -> list[dict]:
+        """The backend decoder's steps, e.g. [ByteLevel] (GPT-2, Aquila) or [Replace, ByteFallback, Fuse,
+        Strip] (LLaMA-2-style SentencePiece BPE), as tokenizer.json spells them."""
+        dec = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
+        return dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
 
     def token_bytes(self, i: int) -> bytes:
         """Raw bytes a token stands for (special tokens: their UTF-8 text)."""
@@ -305,6 +312,8 @@ class StreamDecoder:
         self._skip = skip_special_tokens
         self._specials = set(tokenizer.special_tokens.values())
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # SentencePiece decoders end with Strip(" ", 1): the fused text loses the space its first "▁" gave it
+        self._strip = next((int(d.get("start", 0)) for d in tokenizer._decoder_steps if d.get("type") == "Strip"), 0)
 
     def add(self, token_id: int) -> str:
         """Feed one id; return the text that is now complete (possibly "")."""
@@ -315,8 +324,14 @@ class StreamDecoder:
             # a special token ends any pending partial character, as it does in decode()
             head = self._utf8.decode(b"", final=True)
             self._utf8.reset()
-            return head if self._skip else head + self._tk.id_to_token(token_id)
-        return self._utf8.decode(self._tk.token_bytes(token_id))
+            return self._lstrip(head if self._skip else head + self._tk.id_to_token(token_id))
+        return self._lstrip(self._utf8.decode(self._tk.token_bytes(token_id)))
+
+    def _lstrip(self, text: str) -> str:
+        if self._strip and text:
+            n = min(self._strip, len(text) - len(text.lstrip(" ")))
+            text, self._strip = text[n:], 0
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character becomes U+FFFD)."""
