@@ -177,7 +177,7 @@ def test_invalid_config_json_is_one_line_with_the_position(tmp_path):
     ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
     ({"rope_theta": "1e4"}, "'rope_theta' must be a number"),
     ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings' must be true or false"),
-    ({"eos_token_id": -1}, "'eos_token_id' must be a non-negative integer"),
+    ({"eos_token_id": "2"}, "'eos_token_id' must be an integer token id"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
 ])
 def test_config_type_and_range_errors_name_the_field(tmp_path, change, field):
@@ -206,6 +206,7 @@ def test_one_config_reader(tmp_path):
     a, b = load_config(d), Config.from_hf(d)
     assert a == b
     assert (a.rope_theta, a.rope_scaling, a.bos_token_id, a.eos_token_id) == (5e5, None, 7, 9)
+    assert Config.from_hf({**raw, "pad_token_id": -1}).pad_token_id is None  # early LLaMA conversions: "none"
 
 
 # ---------------------------------------------------------------------------------------------- check_weights

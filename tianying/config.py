@@ -304,9 +304,9 @@ def _token_id(raw: dict, key: str, default: int | None = None) -> int | None:
     v = raw.get(key, default)
     if isinstance(v, list):
         v = v[0] if v else None
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-        raise ConfigError(f"field {key!r} must be a non-negative integer or null, got {v!r}")
-    return v
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        raise ConfigError(f"field {key!r} must be an integer token id or null, got {v!r}")
+    return None if v is not None and v < 0 else v  # early LLaMA conversions wrote pad_token_id -1 for "none"
 
 
 def _flag(raw: dict, key: str) -> bool:
