@@ -7,7 +7,10 @@ Reading (any layout, detected from config.json and the files present):
 - FlagAI v1 native (seed-spec §2.1–2.2): `pytorch_model.bin` with `tok_embeddings` / `layers.{i}.attention.wq`
   ... names, optionally wrapped as `{"module": state_dict}`, optionally with a fused `Wqkv`; its q/k rows pair
   dimensions (2j, 2j+1) for RoPE, so they are permuted to the rotate-half layout the model uses.
-`.bin` files are only ever opened with `torch.load(weights_only=True)`: a pickle from the hub must not run code.
+- Other LLaMA-family checkpoints: `tie_word_embeddings` (the file has no `lm_head.weight`; the head shares the
+  embedding table, and is written that way too), `head_dim` ≠ hidden/heads, any `rope_theta`.
+Files are found, path-checked and read by tianying.weights (`.bin` only with `torch.load(weights_only=True)`:
+a pickle from the hub must not run code).
 
 Memory: the model is built on the meta device and every tensor is read memory-mapped (safetensors maps the
 file; `torch.load(mmap=True)` maps the zip), cast per tensor, and assigned into the module. When the requested
@@ -23,8 +26,8 @@ The first load in a process also costs a one-time ~60 MB (torch's meta-device ma
 Because loaded parameters may be views of the files, checkpoints are never rewritten in place: the writers
 below replace a directory by rename, which leaves the mapped (now unlinked) files intact.
 
-Writing is atomic: files go into a temporary sibling directory, are fsynced, and the directory is renamed
-over the target, so a crash leaves either the old checkpoint or the new one, never half of one.
+Writing is atomic (`weights.atomic_dir`): files go into a temporary sibling directory, are fsynced, and the
+directory is swapped in by rename, so a crash leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
