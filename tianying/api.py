@@ -44,7 +44,7 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
              template: str | Path | None = None, lora: str | Path | None = None, quantize: str | None = None,
-             memory_limit: str | int | None = None) -> LLM:
+             memory_limit: str | int | None = None, check_weights: bool = False) -> LLM:
         """Load a checkpoint directory (Hugging Face or FlagAI layout) with its tokenizer.
 
         Args:
@@ -54,6 +54,7 @@ class LLM:
             lora: a PEFT adapter directory to apply on load.
             quantize: "int8" | "int4" to quantize weights on load.
             memory_limit: e.g. "2GiB": stream layers from disk to stay within the budget.
+            check_weights: refuse a checkpoint holding NaN/Inf tensors, naming them (one line).
         """
         from tianying.checkpoint import load_model
         from tianying.tokenizer import Tokenizer
@@ -74,6 +75,13 @@ class LLM:
             model, config = _load_with_extras(path, device, dtype, **extras)
         else:
             model, config = load_model(path, device=device, dtype=dtype)
+        if check_weights:  # streamed layers are not in memory: check those in the files they stream from
+            from tianying.weights import check_files, check_finite
+
+            if memory_limit:
+                check_files(path)
+            else:
+                check_finite(model, path)
         tokenizer = Tokenizer.from_dir(path)
         # the tokenizer's special tokens win over config.json (v1 configs carry LLaMA's bogus 1/2)
         config.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id

@@ -324,6 +324,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # other LLaMA-family models (not Aquila): the head is the embedding table
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         # optional faster decode step (tianying.quantize.decode): (x, cos, sin, cache) → x after all layers, or
         # None when it does not handle this step; only consulted for one unpadded token per row

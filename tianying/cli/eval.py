@@ -49,6 +49,7 @@ def register(sub) -> None:
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights on load")
     p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
+    p.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/Inf tensors")
     p.set_defaults(func=run, memory_limit=None, template=None)
 
 

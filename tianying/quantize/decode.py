@@ -104,6 +104,8 @@ class NativeDecoder:
         cfg = model.config
         if not native.available() or cfg.head_dim > 1024 or cfg.n_head % cfg.n_kv_head:
             return False
+        if cfg.n_head * cfg.head_dim != cfg.hidden_size:  # config.json's own head_dim: not what the kernel assumes
+            return False
         for b in model.model.layers:
             mods = [b.get_submodule(n) for n in PROJECTIONS]
             if not all(map(_eligible, mods)) or not _Proj.fusable(mods[:3]) or not _Proj.fusable(mods[4:6]):

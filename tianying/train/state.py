@@ -24,6 +24,7 @@ import torch
 
 from tianying.checkpoint import CheckpointError, _fsync_dir
 from tianying.train.distributed import DistInfo, barrier
+from tianying.weights import replace_dir
 
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -126,10 +127,7 @@ def save_checkpoint(out_dir: str | Path, step: int, info: DistInfo, *,
     if info.is_main:
         torch.save({**(trainer_state or {}), "step": step, "world_size": info.world_size}, tmp / STATE_FILE)
         _fsync_tree(tmp)
-        if final.exists():  # a re-run over the same step: the new copy replaces it only once complete
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+        replace_dir(tmp, final)  # a re-run over the same step: the old copy stays until the new one is in place
         if keep_last_k:
             for _, old in list_checkpoints(out_dir)[:-keep_last_k]:
                 shutil.rmtree(old, ignore_errors=True)
