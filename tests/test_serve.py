@@ -289,8 +289,30 @@ def test_body_over_limit_without_content_length_is_413(server):
         for _ in range(100):
             yield b" " * 1024
 
-    r = httpx.post(url + "/v1/completions", content=chunks(), headers=auth(), timeout=30)
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={**auth(), "Content-Type": "application/json"},
+                   timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_browser_pages_and_foreign_hosts_are_refused(llm):
+    """A cross-site text/plain POST (a form or fetch without preflight) is 415; on a loopback server a Host that
+    is not a loopback name (DNS rebinding) is 421; CORS headers only for --allowed-origins."""
+    from tianying.serve.app import LOOPBACK_HOSTS
+
+    app = create_app(llm, allowed_hosts=LOOPBACK_HOSTS, allowed_origins=["https://ok.example"])
+    with running(app) as url:
+        body = json.dumps({"prompt": "hi", "max_tokens": 1})
+        r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = httpx.post(url + "/v1/completions", content=body,
+                       headers={"Content-Type": "application/json", "Host": "evil.example:8000"})
+        assert r.status_code == 421
+        ok = httpx.post(url + "/v1/completions", content=body,
+                        headers={"Content-Type": "application/json", "Origin": "https://ok.example"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ok.example"
+        other = httpx.post(url + "/v1/completions", content=body,
+                           headers={"Content-Type": "application/json", "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
 
 
 def test_unknown_route_is_an_openai_error(server):
@@ -548,6 +570,7 @@ def test_a_poisoned_request_fails_alone(client, server, llm):
 def test_lm_eval_local_completions_agrees_with_tianying_eval(server, ckpt, tmp_path, monkeypatch):
     """lm-evaluation-harness talking to `tianying serve` picks the same answer per item as `tianying eval`."""
     import lm_eval
+    import lm_eval.models.openai_completions  # noqa: F401 - registers local-completions (the registry is lazy)
     from lm_eval.tasks import TaskManager
 
     from tianying.cli import main

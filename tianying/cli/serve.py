@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
                         "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")
+    p.add_argument("--allowed-origins", default=None, metavar="URL,…",
+                   help="web origins whose pages may call the API from a browser (CORS), comma-separated "
+                        "(default: none; the chat page at / is same-origin and needs none)")
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in responses (default: the checkpoint's folder name)")
     p.set_defaults(func=run)
@@ -68,8 +71,13 @@ def run(args) -> int:
     from tianying.cli._common import load_llm
 
     llm = load_llm(args)
+    from tianying.serve.app import LOOPBACK_HOSTS
+
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency,
-                     prefix_cache_bytes=args.prefix_cache << 20, prefill_chunk=args.prefill_chunk)
+                     prefix_cache_bytes=args.prefix_cache << 20, prefill_chunk=args.prefill_chunk,
+                     allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None, allowed_origins=origins)
     auth = "API key required" if args.api_key else "no API key"
     print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)

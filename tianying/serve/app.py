@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Literal
 
@@ -38,6 +38,7 @@ from tianying.errors import TianyingError
 log = logging.getLogger("tianying.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context, small enough to refuse abuse
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -168,8 +169,14 @@ def _unknown_fields(req: _Body) -> list[str]:
 # ---------------------------------------------------------------------------------------------- app
 def create_app(llm, *, model_name: str | None = None, api_key: str | None = None, max_concurrency: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024,
-               prefix_cache_bytes: int = 256 << 20, prefill_chunk: int = 512) -> FastAPI:
-    """A FastAPI app serving `llm` (a `tianying.api.LLM`); the engine's worker thread runs while the app is up."""
+               prefix_cache_bytes: int = 256 << 20, prefill_chunk: int = 512,
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """A FastAPI app serving `llm` (a `tianying.api.LLM`); the engine's worker thread runs while the app is up.
+
+    `allowed_hosts`: Host header names accepted (None: any); a server bound to a loopback address passes
+    LOOPBACK_HOSTS so that a web page cannot reach it through DNS rebinding. `allowed_origins`: origins that
+    may read responses from a browser (CORS); none by default.
+    """
     from tianying.templates import get_template
 
     name = model_name or (llm.path.name if llm.path else llm.config.name)
@@ -177,18 +184,25 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
     context = int(llm.config.max_position_embeddings)
     engine = Engine(llm.model, llm.tokenizer, max_batch=max_concurrency, max_waiting=max_waiting,
                     prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
-    llm._engine = engine  # LLM.generate in the same process shares the engine (and its thread)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        prev, llm._engine = llm._engine, engine  # LLM.generate in this process shares the running engine
         engine.start()
         try:
             yield
         finally:
             engine.close()
+            llm._engine = prev
 
     app = FastAPI(title="tianying", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(_Guard, hosts=None if allowed_hosts is None else {h.lower() for h in allowed_hosts})
     app.state.engine = engine
     app.state.llm = llm
 
@@ -310,6 +324,34 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
         return await job.complete(request)
 
     return app
+
+
+class _Guard:
+    """Refuses, before any route runs: a Host not in `hosts` (421; DNS rebinding) and a POST whose body is not
+    declared JSON (415; a cross-site form or text/plain fetch sends no preflight). Plain ASGI, not
+    BaseHTTPMiddleware, so that handlers still see a client's disconnect."""
+
+    def __init__(self, app, hosts: set[str] | None) -> None:  # noqa: ANN001
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            err = None
+            host = headers.get("host", "").lower()
+            name = host[:host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if self.hosts is not None and name not in self.hosts:
+                err = APIError(421, f"Host {host!r} is not served here (allowed: {', '.join(sorted(self.hosts))}).",
+                               code="misdirected_request")
+            elif scope["method"] == "POST":
+                ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if ctype != "application/json":
+                    err = APIError(415, "Send the request body as JSON with 'Content-Type: application/json'.",
+                                   code="unsupported_media_type")
+            if err is not None:
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _model_card(name: str, created: int) -> dict:
