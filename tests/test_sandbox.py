@@ -46,6 +46,11 @@ def test_a_correct_program_and_its_tests_pass_and_the_output_comes_back(backend)
         assert r.isolation["user"].startswith("nobody")
 
 
+def test_a_syntax_error_fails_after_the_setup_report(backend):
+    r = run("def f(:\n", backend, test="assert f() == 1\n")
+    assert r.status == "failed" and "SyntaxError" in r.stderr and r.isolation["backend"] == backend
+
+
 def test_a_failing_assertion_fails(backend):
     r = run("def f(x):\n    return x + 1\n", backend, test="assert f(1) == 3\n")
     assert r.status == "failed" and "AssertionError" in r.stderr

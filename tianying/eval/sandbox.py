@@ -111,8 +111,10 @@ def _main():
     os.chdir(cfg["workdir"])
     strict, result = _strict_compare()
     clean_builtins = dict(__builtins__.__dict__ if hasattr(__builtins__, "__dict__") else __builtins__)
-    test_code = compile(_rewrite(test), "test.py", "exec") if test else None
-    prog = compile(code, "prog.py", "exec")
+    try:
+        test_code = compile(_rewrite(test), "test.py", "exec") if test else None
+    except SyntaxError as e:
+        raise SystemExit(f"sandbox: the tests do not compile: {e}")
     import _thread, types
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = __builtins__
@@ -126,7 +128,7 @@ def _main():
     write(ctl, (json.dumps(report) + "\n").encode())
     del cfg, report, st, f, json, resource
     try:
-        exec(prog, g)
+        exec(compile(code, "prog.py", "exec"), g)
         if _thread._count():
             raise RuntimeError("sandbox: the program left threads running before its tests")
         sys.modules.clear(); sys.modules.update(modules)  # the tests import fresh copies, not planted ones
