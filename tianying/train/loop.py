@@ -564,22 +564,22 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
                 where = S.step_dir(out_dir, done)
                 raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name} after "
                                           f"step {done} of {total}; checkpoint {where} saved; --resume continues")
-    except BaseException:
-        logger.close()
-        raise
+        if bar is not None:
+            bar.close()
+            bar = None
+        done = max(total, start_step)
+        if done > start_step or ckpt is None:
+            checkpoint(done)
+        full = _full_state(raw, sharded)
+        final = Path(final_dir) if final_dir is not None else out_dir / "final"
+        if info.is_main:
+            S.save_final(final, lambda d: save_model(full, d))
+        D.barrier(info)
     finally:
         stop.__exit__()
         if bar is not None:
             bar.close()
-    done = max(total, start_step)
-    if done > start_step or ckpt is None:
-        checkpoint(done)
-    full = _full_state(raw, sharded)
-    final = Path(final_dir) if final_dir is not None else out_dir / "final"
-    if info.is_main:
-        S.save_final(final, lambda d: save_model(full, d))
-    D.barrier(info)
-    logger.close()
+        logger.close()
     if info.is_main and cfg.plot and logger.path.is_file():
         plot_loss(logger.path, out_dir / "loss.png")
     return TrainResult(raw, done, last_loss, val_loss, out_dir)

@@ -214,14 +214,20 @@ def save_checkpoint(out_dir: str | Path, step: int, info: DistInfo, *,
             _fsync_tree(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(root)
-    except BaseException as e:
+    except (OSError, RuntimeError) as e:
+        failure = save_failure(root, f"checkpoint step {step}", e)
+    except BaseException:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)):
-            last = latest_checkpoint(out_dir)
-            keep = f"the last good checkpoint, {last[1]}, is intact" if last else "no earlier checkpoint exists"
-            raise CheckpointSaveError(f"{save_failure(root, f'checkpoint step {step}', e)}; {keep}") from None
         raise
+    else:
+        failure = None
+    if failure is not None:  # raised out here, so the writer's frames (and its open file) are gone
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(out_dir)
+        keep = f"the last good checkpoint, {last[1]}, is intact" if last else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"{failure}; {keep}")
     if info.is_main and keep_last_k:
         for _, old in list_checkpoints(out_dir, run_id)[:-keep_last_k]:
             shutil.rmtree(old, ignore_errors=True)
@@ -235,15 +241,17 @@ def save_final(final: str | Path, write: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    failure = None
     try:
         write(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
-    except BaseException as e:
+    except (OSError, RuntimeError) as e:
+        failure = save_failure(final.parent, "the final model", e)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)):
-            raise CheckpointSaveError(save_failure(final.parent, "the final model", e)) from None
-        raise
+    if failure is not None:
+        raise CheckpointSaveError(failure)
     return final
 
 
