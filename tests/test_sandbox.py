@@ -38,7 +38,8 @@ def run(code, backend, limits=FAST, **kw):
 # ------------------------------------------------------------------------------------------- basics
 def test_a_correct_program_and_its_tests_pass_and_the_output_comes_back(backend):
     r = run("import math\nprint(math.factorial(5))\ndef f(x):\n    return x / 2\n", backend,
-            test="assert f(4) == 2\nassert abs(f(1) - 0.5) < 1e-9\nassert f(2) in [1, 2]\nprint('tested')\n")
+            test="assert f(4) == 2\nassert abs(f(1) - 0.5) < 1e-9\nassert f(2) in [1, 2]\n"
+                 "assert type(f(2)) == float\nprint('tested')\n")
     assert r.passed, r.stderr
     assert r.stdout.split() == ["120", "tested"]
     assert r.isolation["backend"] == backend and r.isolation["namespaces"]

@@ -221,7 +221,7 @@ def _strict_compare():
     import operator
     ops = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
            ">=": operator.ge, "in": lambda a, b: a in b, "not in": lambda a, b: a not in b}
-    scalars = (int, float, complex, bool, str, bytes, type(None))
+    scalars = (int, float, complex, bool, str, bytes, type(None), type)  # type: classes of a plain metaclass
     seqs = (list, tuple, set, frozenset)
     _type, _id, _len = type, id, len
     def plain(x):
@@ -395,7 +395,7 @@ def _interpreter() -> str:
     return os.path.realpath(exe)
 
 
-def _bwrap_cmd(root: bool, expose: Sequence[str] = ()) -> list[str]:
+def _bwrap_cmd(root: bool, expose: Sequence[str] = (), tmp_mb: int = 64) -> list[str]:
     cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-net",
            "--unshare-uts", "--unshare-cgroup-try"]
     if root:  # no user namespace: the runner switches to the real uid nobody; it keeps only what that needs
@@ -418,7 +418,7 @@ def _bwrap_cmd(root: bool, expose: Sequence[str] = ()) -> list[str]:
             cmd += ["--symlink", target, path]
         elif kind == "dir":
             cmd += bind(path)
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(_tmp_mb() << 20), "--tmpfs",
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_mb << 20), "--tmpfs",
             "/tmp"]
     made -= {d for d in made if d == "/tmp" or d.startswith("/tmp/")}
     for path, kind, _ in layout:
@@ -433,16 +433,9 @@ def _unshare_cmd(root: bool) -> list[str]:
     return cmd if root else cmd[:1] + ["--user", "--map-root-user"] + cmd[1:]
 
 
-_TMP_MB = [64]
-
-
-def _tmp_mb() -> int:
-    return _TMP_MB[0]
-
-
-def _command(backend: str, expose: Sequence[str] = ()) -> list[str]:
+def _command(backend: str, expose: Sequence[str] = (), tmp_mb: int = 64) -> list[str]:
     root = os.geteuid() == 0
-    return _bwrap_cmd(root, expose) if backend == "bwrap" else _unshare_cmd(root)
+    return _bwrap_cmd(root, expose, tmp_mb) if backend == "bwrap" else _unshare_cmd(root)
 
 
 _PROBED: dict[str, str | None] = {}
@@ -520,8 +513,7 @@ def _run(backend: str, code: str, test: str | None, limits: Limits, *, hook: boo
         cfg.update(root=False, workdir=scratch)
         prefix: list[str] = []
     else:
-        _TMP_MB[0] = 4 * limits.file_mb
-        prefix = _command(backend, expose)
+        prefix = _command(backend, expose, cfg["tmp_mb"])
         if backend == "unshare":
             newroot = cfg["newroot"] = tempfile.mkdtemp(prefix="tianying-sandbox-root-")
     job = tempfile.TemporaryFile()
