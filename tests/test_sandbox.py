@@ -317,6 +317,31 @@ def test_no_isolation_fails_closed_with_one_line_unless_unsafe(monkeypatch):
     assert not r.passed
 
 
+def test_tianying_eval_refuses_humaneval_without_isolation_unless_unsafe_exec(monkeypatch, tmp_path, capsys):
+    import json
+
+    from tianying.cli import main
+    from tianying.eval.harness import load_jsonl
+
+    sample = Path(__file__).parent / "data" / "eval"
+    p = load_jsonl(sample / "humaneval.jsonl")[0]
+    f = tmp_path / "samples.jsonl"
+    f.write_text(json.dumps({"task_id": p["task_id"], "completion": p["canonical_solution"]}) + "\n")
+    monkeypatch.setattr(sandbox, "_PROBED", {})
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.delenv("TIANYING_SANDBOX", raising=False)
+    args = ["eval", "--tasks", "humaneval", "--samples", str(f), "--data-dir", str(sample), "--no-progress",
+            "--output", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot isolate generated code" in err and "--unsafe-exec" in err
+    assert not (tmp_path / "r.json").exists()
+    assert main(args + ["--unsafe-exec"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["tasks"]["humaneval"]["metrics"]["pass@1"]["value"] == 1.0
+    assert res["tasks"]["humaneval"]["info"]["sandbox"]["backend"] == "none"
+
+
 def test_humaneval_scores_cheating_completions_as_failures(tmp_path):
     import json
 

@@ -14,7 +14,8 @@ Contained (OS-enforced; each has a test in tests/test_sandbox.py):
 - filesystem: a new root holding only /usr (and the /bin, /lib… links), the Python installation (read-only),
   a fresh /proc of its own PID namespace, /dev's null/zero/random devices and a private tmpfs /tmp (the working
   directory, bounded in size). Home directories, /etc, /work, /root, the caller's /tmp are not there at all;
-- processes: PID 1 of its own PID namespace is the sandbox's init; the program sees only its own processes
+- processes: PID 1 of its own PID namespace is bwrap's init (with unshare: the runner itself); the program
+  sees only its own processes
   (no other process's argv or environment), cannot signal the evaluator, and every process it starts — a
   `setsid` daemon included — dies with the namespace when the program ends or is killed (wall clock:
   SIGKILL of the whole namespace);
@@ -27,9 +28,10 @@ Pass/fail: `passed` only when the runner printed this run's random token to a pr
 after the program *and* the tests ran to the end. The token reaches the runner through a file descriptor that
 is read and closed before the program starts, and lives only in a local of the runner's main function;
 `os._exit(0)`, `sys.exit(0)` or printing "passed" therefore fail. The tests' comparisons are rewritten to be
-type-strict (`==`, `<`, `in`, … only between plain data: numbers, str, bytes, None and containers of them),
-so an object whose `__eq__` always returns True fails, and they run with a copy of the builtins taken before
-the program ran.
+type-strict (`==`, `<`, `in`, … only between plain data: numbers, str, bytes, None, classes and containers of
+them), and whatever `candidate(...)` returns must be plain data, so an object whose `__eq__` always returns
+True (or whose arithmetic returns 0) fails. The tests run with the builtins and `sys.modules` as they were
+before the program ran, so patched builtins or planted modules do not reach them.
 
 Second layer (Python-level; it keeps honest programs honest and makes the token hard to reach, but it is not
 what contains hostile code): an audit hook denies open/listdir outside the working directory and the stdlib,
