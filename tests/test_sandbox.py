@@ -236,6 +236,12 @@ def test_writing_outside_the_private_tmp_fails(backend, tmp_path, where):
         assert not os.path.exists(target)
 
 
+def test_tempfile_works(backend):
+    r = run("import tempfile\nwith tempfile.TemporaryFile() as f:\n    f.write(b'ok')\n    f.seek(0)\n"
+            "    print(f.read().decode())\n", backend)
+    assert r.passed and r.stdout.strip() == "ok", r.stderr
+
+
 def test_files_in_the_private_tmp_work_and_vanish(backend):
     r = run("open('a.txt', 'w').write('ok')\nimport os\nos.mkdir('d')\nprint(open('a.txt').read(), os.getcwd())\n",
             backend)

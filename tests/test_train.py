@@ -369,7 +369,8 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_sigint_finishes_the_step_saves_and_resumes(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_finishes_the_step_saves_and_resumes(corpus, tmp_path, sig):
     out = tmp_path / "sig"
     ov = [f"{k}={v}" for k, v in dict(model="test-mha", tokenizer=TOK, data=corpus, seq_length=32, batch_size=4,
                                        max_steps=100000, save_interval=100000, eval_interval=100000,
@@ -386,14 +387,14 @@ def test_sigint_finishes_the_step_saves_and_resumes(corpus, tmp_path):
         if (out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) >= 4:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "SIGINT: finishing this step" in err and "Traceback" not in err
+    assert f"{sig.name}: finishing this step" in err and "Traceback" not in err
     ckpts = S.list_checkpoints(out)
     assert len(ckpts) == 1
     step = ckpts[0][0]
-    assert step >= 3 and f"stopped by SIGINT after step {step} of 100000" in err
+    assert step >= 3 and f"stopped by {sig.name} after step {step} of 100000" in err
     assert not (out / "final").exists()
     with pytest.warns(UserWarning, match="planned for 100000 steps"):
         res = run_pretrain(cfg_for(corpus, out, max_steps=step + 2, save_interval=100000, eval_interval=100000),

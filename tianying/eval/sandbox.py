@@ -287,7 +287,7 @@ def _install_hook(report, workdir):
     write_roots = (real(workdir),)
     def inside(path, roots):
         if isinstance(path, int):
-            return False  # no re-opening inherited descriptors
+            return True  # a descriptor it already has (tempfile, os.pipe); the token is in none of them
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         p = real(os.path.join(os.getcwd(), os.fspath(path)))
