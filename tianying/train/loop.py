@@ -362,10 +362,10 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
         load_model: reads that directory back into a state dict (for --resume).
         resume: continue from the newest complete checkpoint of the run in cfg.out_dir (fresh start if none).
         overwrite: start a fresh run even though cfg.out_dir is not empty (its old checkpoints are kept).
-    Raises OutDirInUse (a fresh run into a used out_dir), ConfigError (data smaller than one batch),
-    CheckpointSaveError (a save failed), TrainingInterrupted (SIGINT/SIGTERM; a checkpoint was saved).
         flops_per_tok: training FLOPs per token for MFU (see `flops_per_token`).
         final_dir: where the final model goes (default out_dir/final).
+    Raises OutDirInUse (a fresh run into a used out_dir), ConfigError (data smaller than one batch),
+    CheckpointSaveError (a save failed), TrainingInterrupted (SIGINT/SIGTERM; a checkpoint was saved).
     """
     info = info or D.DistInfo(device=torch.device(cfg.device or "cpu"))
     out_dir = Path(cfg.out_dir)
