@@ -87,7 +87,8 @@ def build_pair(size: str, dtype: torch.dtype, impls: tuple[str, ...]):
 
 def runners(cfg, ours, hf, prompt_len: int, new_tokens: int, batch: int, prefill: int) -> dict[str, dict]:
     """{workload: {impl: (fn returning generated ids [B, N], tokens produced)}}."""
-    from tianying.generate import SamplingParams, generate_tokens
+    from tianying.engine import Engine
+    from tianying.generate import SamplingParams
 
     g = torch.Generator().manual_seed(0)
     prompts = {
@@ -101,8 +102,11 @@ def runners(cfg, ours, hf, prompt_len: int, new_tokens: int, batch: int, prefill
         count = ids.shape[1] if name == "prefill" else ids.shape[0] * n
         fns: dict[str, tuple[Callable, int]] = {}
         if ours is not None:
-            def run_ours(ids=ids, n=n):
-                return torch.stack(list(generate_tokens(ours, ids.tolist(), SamplingParams(max_new_tokens=n))), 1)
+            engine = Engine(ours, max_batch=max(batch, 1), max_len=prompt_len + new_tokens + max(prefill, 1) + 1,
+                            prefill_chunk=max(prefill, prompt_len), prefix_cache_bytes=0)
+
+            def run_ours(ids=ids, n=n, engine=engine):
+                return torch.tensor(engine.generate_ids(ids.tolist(), SamplingParams(max_new_tokens=n)))
             fns["tianying"] = (run_ours, count)
         if hf is not None:
             def run_hf(ids=ids, n=n):

@@ -78,12 +78,12 @@ def method_config(base, method: str, n: int, native: int):
 @torch.inference_mode()
 def logits_for(model, cfg, ids: torch.Tensor, native: int) -> torch.Tensor:
     """Logits [B, T, V]; window configs go through the ring cache in chunks of `native` tokens."""
-    from tianying.model import WindowKVCache, set_config
+    from tianying.model import KVCache, set_config
 
     set_config(model, cfg)
     if not cfg.attention_window:
         return model(ids)
-    cache = WindowKVCache(cfg, ids.shape[0], cfg.attention_window, cfg.attention_sinks, torch.float32, "cpu")
+    cache = KVCache(cfg, ids.shape[0], ids.shape[1], torch.float32, "cpu")  # the window's ring
     return torch.cat([model(ids[:, a:a + native], cache=cache) for a in range(0, ids.shape[1], native)], 1)
 
 
@@ -163,7 +163,8 @@ def parity(model, cfg, ids: torch.Tensor) -> float | None:
 
 def decode_worker(a) -> dict:
     """In a fresh process: peak RSS above the loaded model, and decode tokens/s, for one (length, window)."""
-    from tianying.generate import SamplingParams, generate_tokens
+    from tianying.engine import Engine, Request
+    from tianying.generate import SamplingParams
 
     torch.set_num_threads(a.threads)
     model, cfg, _ = load(a.checkpoint, a.native_length)
@@ -173,14 +174,15 @@ def decode_worker(a) -> dict:
 
     set_config(model, cfg)
     prompt = torch.randint(3, cfg.vocab_size - 8, (a.length,), generator=torch.Generator().manual_seed(0)).tolist()
-    list(generate_tokens(model, [prompt[:8]], SamplingParams(max_new_tokens=4)))  # warm-up, lazy inits
+    engine = Engine(model, max_batch=1, max_len=a.length + a.new_tokens + 2, prefix_cache_bytes=0)
+    engine.generate_ids([prompt[:8]], SamplingParams(max_new_tokens=4))  # warm-up, lazy inits
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
-    it = generate_tokens(model, [prompt], SamplingParams(max_new_tokens=a.new_tokens + 1))
+    it = engine.run([Request(prompt, SamplingParams(max_new_tokens=a.new_tokens + 1))])
     next(it)  # prefill + first token
     t = time.perf_counter()
-    n = sum(1 for _ in it)
+    n = sum(len(ev.tokens) for _, ev in it)
     dt = time.perf_counter() - t
     return {"tok_s": n / dt, "peak_mib": (_status("VmHWM") - base) / 2**20}
 

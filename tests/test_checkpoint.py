@@ -316,7 +316,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_write_json", boom)
+    monkeypatch.setattr(ck, "write_json", boom)
     other, _ = _model("test-mha", seed=1)
     with pytest.raises(OSError, match="disk full"):
         save_hf(other, cfg, out)

@@ -82,8 +82,8 @@ def test_chat_pipe_one_reply_per_line(ckpt):
 def test_chat_uses_stored_template(ckpt):
     from tianying.api import LLM
 
-    assert LLM.load(ckpt).template == "aquila-v1"
-    assert LLM.load(ckpt, template="aquila").template == "aquila"
+    assert str(LLM.load(ckpt).template) == "aquila-v1"
+    assert str(LLM.load(ckpt, template="aquila").template) == "aquila"
 
 
 @pytest.mark.parametrize("args,needle", [

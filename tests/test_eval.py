@@ -51,7 +51,7 @@ class MockLM(nn.Module):
         if self.prefer is not None:
             logits[..., self.prefer] = self.bonus
         if cache is not None:
-            cache.pos += T
+            cache.end(cache.begin(T))
         return logits
 
 

@@ -10,9 +10,10 @@ import torch
 
 from tianying.checkpoint import load_model, save_hf
 from tianying.config import Config
-from tianying.generate import SamplingParams, generate_tokens, prefill
-from tianying.model import KVCache, WindowKVCache, build_model
-from tianying.rope import inv_freq_and_scale, logn_scale, rope_cos_sin
+from tianying.engine import Engine
+from tianying.generate import SamplingParams
+from tianying.model import KVCache, build_model
+from tianying.rope import inv_freq_and_scale, logn_scale, rope_cos_sin, rotation_tables
 
 D, BASE = 16, 10000.0
 TOL = 1e-4
@@ -158,12 +159,11 @@ def _explicit_window_logits(model, ids: torch.Tensor, W: int, S: int) -> torch.T
     for i in range(T):
         for j in range(i + 1):
             mask[0, 0, i, j] = i - j < W or j < S
-    plain = model.config.replace(attention_window=None, attention_sinks=0)
-    saved, model.config = model.config, plain
-    try:
-        return model._run(ids, mask, False, None, None, 0, T, None, False)
-    finally:
-        model.config = saved
+    x = model.model.embed_tokens(ids)
+    cos, sin = rotation_tables(*model.rope(None, 0, T, x.dtype, ids.device))
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, mask, False, None)
+    return model.lm_head(model.model.norm(x))
 
 
 @pytest.mark.parametrize("W,S", [(4, 0), (5, 2)])
@@ -185,7 +185,7 @@ def test_ring_cache_chunked_prefill_and_decode(W, S, chunk):
     ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids)  # one-shot windowed forward
-        cache = WindowKVCache(cfg, 2, W, S, torch.float32, "cpu")
+        cache = KVCache(cfg, 2, 19, torch.float32, "cpu")  # the config's window: a ring of W + S slots
         shape, got = cache.k.shape, []
         for a in range(0, 13, chunk):  # chunked prefill of 13 tokens, then one token at a time
             b = min(a + chunk, 13)
@@ -195,7 +195,7 @@ def test_ring_cache_chunked_prefill_and_decode(W, S, chunk):
             got.append(model(ids[:, t:t + 1], cache=cache))
             assert cache.k.shape[3] == W + S and cache.memory_bytes() == 2 * cache.k.numel() * 4
     torch.testing.assert_close(torch.cat(got, 1), ref, atol=1e-5, rtol=0)
-    held = sorted(cache.held_positions().tolist())
+    held = sorted(cache.held_positions(cache.pos).tolist())
     assert held == list(range(S)) + list(range(19 - W, 19))
 
 
@@ -205,7 +205,9 @@ def test_chunked_prefill_equals_one_shot_full_attention():
     with torch.no_grad():
         one = model(ids, cache=KVCache(cfg, 2, 23, torch.float32, "cpu"))[:, -1]
         for chunk in (1, 5, 8):
-            got = prefill(model, ids, KVCache(cfg, 2, 23, torch.float32, "cpu"), chunk=chunk)
+            cache = KVCache(cfg, 2, 23, torch.float32, "cpu")
+            for a in range(0, 23, chunk):
+                got = model(ids[:, a:a + chunk], cache=cache)[:, -1]
             torch.testing.assert_close(got, one, atol=1e-5, rtol=0)
 
 
@@ -222,18 +224,20 @@ def test_generate_with_window(S):
     model, cfg = _model(attention_window=6, attention_sinks=S)
     prompt = torch.randint(3, 512, (17,), generator=torch.Generator().manual_seed(4)).tolist()
     params = SamplingParams(max_new_tokens=12)
-    out = torch.stack(list(generate_tokens(model, [prompt], params, prefill_chunk=5)), 1)[0].tolist()
+    engine = Engine(model, prefill_chunk=5)
+    out = engine.generate_ids([prompt], params)[0]
     assert out == _greedy_reference(model, prompt, 12)
+    assert engine.cache.k.shape[3] == 6 + S  # only the window (and sinks) is ever held
 
 
-def test_generate_window_batched_left_padding():
-    model, cfg = _model(attention_window=5)
+@pytest.mark.parametrize("S", [0, 2])
+def test_generate_window_batched_rows_of_different_lengths(S):
+    model, cfg = _model(attention_window=5, attention_sinks=S)
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (11, 4)]
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (11, 4, 7)]
     params = SamplingParams(max_new_tokens=8)
-    batched = torch.stack(list(generate_tokens(model, prompts, params, prefill_chunk=3)), 1).tolist()
-    alone = [torch.stack(list(generate_tokens(model, [p], params)), 1)[0].tolist() for p in prompts]
-    assert batched == alone
+    batched = Engine(model, max_batch=3, prefill_chunk=3).generate_ids(prompts, params)
+    assert batched == [_greedy_reference(model, p, 8) for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------- config / save

@@ -70,23 +70,27 @@ def test_native_decode_equals_the_pytorch_path(n_kv_head: int, bits: int, batch:
 
 
 def test_fast_decode_steps_aside_when_it_does_not_apply() -> None:
+    from tianying.model import set_config
+
     m, cfg = _model(4, 8)
-    # a padded batch (mask) and bf16 activations take the ordinary path
-    cache = KVCache(cfg, 2, 16, torch.float32, "cpu")
     ids = torch.randint(0, cfg.vocab_size, (2, 4))
-    pad = torch.tensor([[False, True, True, True], [True] * 4])
-    m(ids, cache=cache, pad_mask=pad)
-    calls = []
     hook = m.fast_decode
-    m.fast_decode = _counting(hook, calls)
-    m(ids[:, :1], cache=cache, pad_mask=torch.ones(2, 1, dtype=torch.bool))
-    assert calls == []
+    # LogN query scaling and a sliding window take the ordinary path
+    for change in (dict(logn_attention=True, logn_length=2), dict(attention_window=3)):
+        set_config(m, cfg.replace(**change))
+        cache = KVCache(m.config, 2, 16, torch.float32, "cpu")
+        m(ids, cache=cache)
+        calls = []
+        m.fast_decode = _counting(hook, calls)
+        m(ids[:, :1], cache=cache)
+        assert calls == []
+        m.fast_decode = hook
+    set_config(m, cfg)
     # a replaced projection (e.g. a LoRA wrapper) makes the hook decline
-    m.fast_decode = hook
     m.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=False)
     cache = KVCache(cfg, 1, 16, torch.float32, "cpu")
     m(ids[:1], cache=cache)
-    assert hook(m.model.embed_tokens(ids[:1, :1]), *m.rope(None, 4, 1, torch.float32, "cpu"), cache) is None
+    assert hook(m.model.embed_tokens(ids[:1, :1]), *m.rope(None, 4, 1, torch.float32, "cpu"), cache.begin(1)) is None
 
 
 def test_a_deep_copy_gets_its_own_decoder() -> None:
@@ -129,15 +133,54 @@ def test_act_order_layers_decode_natively() -> None:
     torch.testing.assert_close(fast, _decode(m, cfg, prompt, 4, fast=False), rtol=1e-4, atol=1e-4)
 
 
-def test_explicit_positions_take_the_ordinary_path() -> None:
-    """Rows at different rotary positions (left-padded batches pass their own) are not the native step's case."""
-    m, cfg = _model(4, 8)
-    cache = KVCache(cfg, 2, 16, torch.float32, "cpu")
-    m(torch.randint(0, cfg.vocab_size, (2, 4)), cache=cache)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rows_of_different_lengths_decode_natively(bits: int) -> None:
+    """A batched step over cache rows of different lengths (the engine's decode) writes and attends at each
+    row's own length and rotary position, natively as in PyTorch; a view of later rows works too."""
+    m, cfg = _model(2, bits)
+    lengths = (5, 2, 9, 3)
+    prompts = [torch.randint(0, cfg.vocab_size, (1, n)) for n in lengths]
+
+    def run(fast: bool) -> torch.Tensor:
+        hook = m.fast_decode
+        m.fast_decode = hook if fast else None
+        calls = []
+        if fast:
+            m.fast_decode = _counting(hook, calls)
+        try:
+            cache = KVCache(cfg, 4, 32, torch.float32, "cpu")
+            for r, p in enumerate(prompts):
+                m(p, cache=cache.view(r, r + 1))
+            tok = torch.tensor([[1], [2], [3], [4]])
+            out = []
+            for _ in range(4):
+                out.append(m(tok, cache=cache))
+                out.append(m(tok[1:3], cache=cache.view(1, 3)))  # rows 1..2 only
+                tok = (tok * 7 + 3) % cfg.vocab_size
+            assert cache.lengths == [5 + 4, 2 + 8, 9 + 8, 3 + 4]
+            return torch.cat([o.flatten() for o in out])
+        finally:
+            m.fast_decode = hook
+            assert not fast or len(calls) == 8
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-4, atol=1e-4)
+
+
+def test_engine_decodes_natively_and_equals_the_pytorch_path() -> None:
+    from tianying.engine import Engine
+    from tianying.generate import SamplingParams
+
+    m, cfg = _model(2, 4)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 11, 6)]
+    params = SamplingParams(max_new_tokens=7)
     calls = []
-    m.fast_decode = _counting(m.fast_decode, calls)
-    m(torch.randint(0, cfg.vocab_size, (2, 1)), cache=cache, positions=torch.tensor([[4], [2]]))
-    assert calls == []
+    hook = m.fast_decode
+    m.fast_decode = _counting(hook, calls)
+    fast = Engine(m, max_batch=2, prefill_chunk=4).generate_ids(prompts, params)
+    m.fast_decode = None
+    slow = Engine(m, max_batch=2, prefill_chunk=4).generate_ids(prompts, params)
+    m.fast_decode = hook
+    assert fast == slow and len(calls) >= 7
 
 
 def test_dtype_round_trip_rebuilds_the_decoder() -> None:

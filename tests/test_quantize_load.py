@@ -79,7 +79,7 @@ def test_load_equals_the_model_in_memory(tmp_path, monkeypatch: pytest.MonkeyPat
                                          sym: bool, act: bool) -> None:
     """Dequantized weights and logits equal the quantized model that was saved, in fp32 and in bf16 (whose
     float tensors are converted through the chunk buffer: patched down to 4 KiB so that chunks end mid-row)."""
-    import tianying.quantize.format as fmt
+    from tianying import weights
 
     model, cfg = _quantized(bits, group, sym, act)
     with warnings.catch_warnings():
@@ -99,7 +99,7 @@ def test_load_equals_the_model_in_memory(tmp_path, monkeypatch: pytest.MonkeyPat
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
 
-    monkeypatch.setattr(fmt, "_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", 4096)
     loaded, _ = load_quantized(tmp_path / "q", dtype=torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = copy.deepcopy(model).to(torch.bfloat16)

@@ -17,31 +17,44 @@ import torch
 
 from tianying.config import Config
 from tianying.errors import TianyingError
-from tianying.generate import SamplingParams, StopMatcher, generate_tokens
+from tianying.generate import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: torch.nn.Module, tokenizer, config: Config, template: str | None = None,
+    def __init__(self, model: torch.nn.Module, tokenizer, config: Config, template: Any = None,
                  path: str | Path | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
         self.path = Path(path) if path else None
-        self.template = template or _default_template(config, self.path)
+        self.template = _default_template(config, self.path, template)  # a tianying.templates template
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The engine every generation of this LLM runs on (built on first use; `tianying serve` starts its
+        worker thread)."""
+        if self._engine is None:
+            from tianying.engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer)
+        return self._engine
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
-             template: str | None = None, lora: str | Path | None = None, quantize: str | None = None,
-             memory_limit: str | int | None = None) -> LLM:
+             template: str | Path | None = None, lora: str | Path | None = None, quantize: str | None = None,
+             memory_limit: str | int | None = None, check_weights: bool = False) -> LLM:
         """Load a checkpoint directory (Hugging Face or FlagAI layout) with its tokenizer.
 
         Args:
             dtype: "fp32" | "bf16" | "fp16" or a torch dtype; None → fp32 on CPU, the checkpoint's dtype on GPU.
-            template: chat template name; default from the checkpoint (config.json), else by model name.
+            template: chat template: an Aquila template name or a Jinja file; default: the checkpoint's (see
+                `tianying.templates.checkpoint_template`).
             lora: a PEFT adapter directory to apply on load.
             quantize: "int8" | "int4" to quantize weights on load.
             memory_limit: e.g. "2GiB": stream layers from disk to stay within the budget.
+            check_weights: refuse a checkpoint holding NaN/Inf tensors, naming them (one line).
         """
         from tianying.checkpoint import load_model
         from tianying.tokenizer import Tokenizer
@@ -62,6 +75,13 @@ class LLM:
             model, config = _load_with_extras(path, device, dtype, **extras)
         else:
             model, config = load_model(path, device=device, dtype=dtype)
+        if check_weights:  # streamed layers are not in memory: check those in the files they stream from
+            from tianying.weights import check_files, check_finite
+
+            if memory_limit:
+                check_files(path)
+            else:
+                check_finite(model, path)
         tokenizer = Tokenizer.from_dir(path)
         # the tokenizer's special tokens win over config.json (v1 configs carry LLaMA's bogus 1/2)
         config.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_token_id
@@ -79,13 +99,16 @@ class LLM:
     def sampling_params(self, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                         top_p: float | None = None, repetition_penalty: float = 1.0,
                         stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-                        seed: int | None = None, legacy: bool = False) -> SamplingParams:
+                        seed: int | None = None, legacy: bool = False, **more: Any) -> SamplingParams:
+        """SamplingParams with this model's EOS as the default stop id; `more`: presence_penalty,
+        frequency_penalty, logit_bias, logprobs, prompt_logprobs, n, min_new_tokens."""
         if isinstance(stop, str):
             stop = [stop]
         ids = list(stop_token_ids) if stop_token_ids is not None else [self.config.eos_token_id]
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, legacy=legacy,
-                              stop_token_ids=tuple(i for i in ids if i is not None), stop=tuple(stop or ()))
+                              stop_token_ids=tuple(i for i in ids if i is not None), stop=tuple(stop or ()),
+                              **more)
 
     def generate(self, prompt: str | Sequence[str], *, stream: bool = False, bos: bool = False,
                  **sampling: Any) -> str | list[str] | Iterator[str]:
@@ -106,18 +129,19 @@ class LLM:
             raise TianyingError("stream=True takes a single prompt")
         return self.generate_batch([self.encode_prompt(p, bos=bos) for p in prompt], params)
 
-    def chat(self, messages: Sequence[dict], template: str | None = None, *, stream: bool = False,
+    def chat(self, messages: Sequence[dict], template: Any = None, *, stream: bool = False,
              **sampling: Any) -> str | Iterator[str]:
-        """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template."""
-        from tianying.templates import get_template, render_chat
+        """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template (or
+        `template`: a name or a Jinja file). Special-token strings inside the messages stay plain text."""
+        from tianying.templates import encode_chat
 
-        tpl = get_template(template or self.template)
-        prompt = render_chat(list(messages), tpl.name)
-        if sampling.get("legacy"):
-            prompt += " "  # the seed's predict() appends one space after the rendered prompt
+        tpl = _default_template(self.config, self.path, template) if template is not None else self.template
+        # the seed's predict() appends one space after the rendered prompt
+        ids = encode_chat(self.tokenizer, list(messages), tpl, suffix=" " if sampling.get("legacy") else "")
         stops = sampling.pop("stop", None) or []
         sampling["stop"] = list(tpl.stop_strings) + ([stops] if isinstance(stops, str) else list(stops))
-        return self.generate(prompt, stream=stream, **sampling)
+        pieces = self._stream([ids], self.sampling_params(**sampling))
+        return pieces if stream else "".join(pieces)
 
     def encode_prompt(self, prompt: str, bos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=bos)
@@ -126,49 +150,32 @@ class LLM:
         return ids
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
-        """New token ids per prompt (stop ids excluded; text-level stops are not applied)."""
-        rows: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        stop_ids = set(params.stop_token_ids)
-        for step in generate_tokens(self.model, prompts, params, pad_id=self._pad_id(), device=self.device):
-            for i, t in enumerate(step.tolist()):
-                if done[i]:
-                    continue
-                if t in stop_ids:
-                    done[i] = True
-                else:
-                    rows[i].append(t)
-        return rows
+        """New token ids per prompt (stop ids excluded; text-level stops are applied)."""
+        return self.engine.generate_ids(prompts, params)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[str]:
-        out = []
-        for ids in self.generate_ids(prompts, params):
-            m = StopMatcher(params.stop)
-            text = m.feed(self.tokenizer.decode(ids)) + m.flush()
-            out.append(_legacy_cleanup(text) if params.legacy else text)
-        return out
+        from tianying.engine import Request
+
+        reqs = [Request(list(p), params) for p in prompts]
+        texts = {r.id: "" for r in reqs}
+        for r, ev in self.engine.run(reqs):
+            if ev.error:
+                raise TianyingError(f"generation failed: {ev.error}")
+            texts[r.id] += ev.text
+        return [_legacy_cleanup(texts[r.id]) if params.legacy else texts[r.id] for r in reqs]
 
     def _stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        matcher = StopMatcher(params.stop)
-        stop_ids = set(params.stop_token_ids)
+        from tianying.engine import Request
+
         first = params.legacy  # the seed drops a single leading space of the reply
-        for step in generate_tokens(self.model, prompts, params, pad_id=self._pad_id(), device=self.device):
-            t = int(step[0])
-            if t in stop_ids:
-                break
-            piece = matcher.feed(decoder.add(t))
+        for _, ev in self.engine.run([Request(list(prompts[0]), params)]):
+            if ev.error:
+                raise TianyingError(f"generation failed: {ev.error}")
+            piece = ev.text
             if first and piece:
                 piece, first = (piece[1:] if piece.startswith(" ") else piece), False
             if piece:
                 yield piece
-            if matcher.stopped:
-                return
-        tail = matcher.feed(decoder.flush()) + matcher.flush()
-        if first and tail.startswith(" "):
-            tail = tail[1:]
-        if tail:
-            yield tail
 
     @property
     def pad_id(self) -> int:
@@ -183,13 +190,10 @@ def _legacy_cleanup(text: str) -> str:
     return text[1:] if text.startswith(" ") else text
 
 
-def _default_template(config: Config, path: Path | None) -> str:
-    from tianying.templates import template_for_model
+def _default_template(config: Config, path: Path | None, template: Any = None):
+    from tianying.templates import checkpoint_template
 
-    if config.chat_template:
-        return config.chat_template
-    name = config.name if config.name not in ("custom", None) else (path.name if path else "")
-    return template_for_model(name)
+    return checkpoint_template(path, config, template)
 
 
 def _load_with_extras(path: Path, device, dtype, lora=None, quantize=None, memory_limit=None):

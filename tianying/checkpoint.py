@@ -7,7 +7,10 @@ Reading (any layout, detected from config.json and the files present):
 - FlagAI v1 native (seed-spec §2.1–2.2): `pytorch_model.bin` with `tok_embeddings` / `layers.{i}.attention.wq`
   ... names, optionally wrapped as `{"module": state_dict}`, optionally with a fused `Wqkv`; its q/k rows pair
   dimensions (2j, 2j+1) for RoPE, so they are permuted to the rotate-half layout the model uses.
-`.bin` files are only ever opened with `torch.load(weights_only=True)`: a pickle from the hub must not run code.
+- Other LLaMA-family checkpoints: `tie_word_embeddings` (the file has no `lm_head.weight`; the head shares the
+  embedding table, and is written that way too), `head_dim` ≠ hidden/heads, any `rope_theta`.
+Files are found, path-checked and read by tianying.weights (`.bin` only with `torch.load(weights_only=True)`:
+a pickle from the hub must not run code).
 
 Memory: the model is built on the meta device and every tensor is read memory-mapped (safetensors maps the
 file; `torch.load(mmap=True)` maps the zip), cast per tensor, and assigned into the module. When the requested
@@ -23,156 +26,45 @@ The first load in a process also costs a one-time ~60 MB (torch's meta-device ma
 Because loaded parameters may be views of the files, checkpoints are never rewritten in place: the writers
 below replace a directory by rename, which leaves the mapped (now unlinked) files intact.
 
-Writing is atomic: files go into a temporary sibling directory, are fsynced, and the directory is renamed
-over the target, so a crash leaves either the old checkpoint or the new one, never half of one.
+Writing is atomic (`weights.atomic_dir`): files go into a temporary sibling directory, are fsynced, and the
+directory is swapped in by rename, so a crash leaves either the old checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import struct
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from tianying.config import Config, ConfigError, _reject_duplicates
-from tianying.errors import TianyingError
+from tianying.config import Config
 from tianying.rope import half_to_interleaved, interleaved_to_half
-
-
-class CheckpointError(TianyingError):
-    """A checkpoint that cannot be read or written (missing, corrupt, or not matching its config)."""
-
+from tianying.weights import (  # noqa: F401 - re-exported: callers import these from here
+    CheckpointError,
+    atomic_dir,
+    check_finite,
+    copy_file,
+    dtype_name,
+    first_line,
+    fsync_dir,
+    iter_tensors,
+    load_config,
+    parse_dtype,
+    parse_size,
+    read_json,
+    tie_embeddings,
+    weight_files,
+    write_json,
+    write_safetensors,
+)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer_config.json")
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """"fp32"/"float32"/"bf16"/"bfloat16"/"fp16"/"float16" or a torch dtype → torch dtype (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r} (use fp32, bf16 or fp16)")
-    return _DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or "500MB" / "2GB" / "1.5GiB" (KB/MB/GB decimal as Hugging Face, KiB/MiB/GiB binary)."""
-    if isinstance(size, int):
-        n = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
-        if not m:
-            raise CheckpointError(f"cannot read size {size!r} (use e.g. 500MB, 2GB or a number of bytes)")
-        unit = (m.group(2) or "B").upper()
-        power = " KMGT".index(unit[0]) if unit != "B" else 0
-        n = int(float(m.group(1)) * ((1024 if "I" in unit else 1000) ** power))
-    if n <= 0:
-        raise CheckpointError(f"size must be positive, got {size!r}")
-    return n
-
-
-# ====================================================================== config
-def load_config(path: str | Path) -> Config:
-    """Config of a checkpoint directory (or of a config.json path), any dialect.
-
-    Besides `Config.from_hf`, this reads transformers ≥ 4.5x's `rope_parameters` (which holds rope_theta and
-    the scaling) and the rope fields `save_flagai` adds to a native config, so neither is silently dropped.
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / "config.json"
-    if not file.is_file():
-        where = Path(path)
-        if not where.exists():
-            raise CheckpointError(f"checkpoint directory {where} does not exist")
-        raise CheckpointError(f"no config.json in {where}")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    raw = dict(raw)
-    rope_params = raw.pop("rope_parameters", None)
-    if isinstance(rope_params, dict):
-        rope_params = dict(rope_params)
-        if "rope_theta" in rope_params:
-            raw.setdefault("rope_theta", rope_params.pop("rope_theta"))
-        if raw.get("rope_scaling") is None:
-            raw["rope_scaling"] = rope_params
-    try:
-        cfg = Config.from_hf(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
-    if _is_native_config(raw):  # Config._from_flagai knows only the v1 fields
-        changes = {}
-        if raw.get("rope_theta") is not None:
-            changes["rope_theta"] = float(raw["rope_theta"])
-        if raw.get("rope_scaling") is not None:
-            changes["rope_scaling"] = raw["rope_scaling"]
-        if changes:
-            cfg = Config(**{**_config_fields(cfg), **changes})
-    return cfg
-
-
-def _config_fields(cfg: Config) -> dict:
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
-
-
-def _is_native_config(raw: Mapping) -> bool:
-    return "dim" in raw and "hidden_size" not in raw
-
-
-# ====================================================================== files and formats
-def _read_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
-    paths = [index.parent / f for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise CheckpointError(f"shard {p.name} named in {index.name} is missing from {index.parent}")
-    return paths
-
-
-def weight_files(path: str | Path) -> list[Path]:
-    """The weight files of a checkpoint directory, in the order they are read."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist" if not path.exists()
-                              else f"{path} is not a checkpoint directory")
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (path / index).is_file():
-            return _read_index(path / index)
-        if (path / single).is_file():
-            return [path / single]
-    raise CheckpointError(f"no weights in {path} (looked for model.safetensors, pytorch_model.bin and their "
-                          "sharded index files)")
+                   "tokenizer_config.json", "chat_template.jinja")
+_fsync_dir = fsync_dir  # old private name (tianying.train.state imports it)
 
 
 def detect_format(path: str | Path) -> str:
@@ -180,65 +72,19 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     config = path / "config.json"
     if config.is_file():
-        try:
-            raw = json.loads(config.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+        raw = read_json(config)
         if isinstance(raw, dict) and _is_native_config(raw):
             return "flagai"
-    first = next(iter(_read_file(weight_files(path)[0])), None)
+    first = next(iter(iter_tensors(weight_files(path)[0])), None)
     return "flagai" if first is not None and _is_native_key(first[0]) else "hf"
+
+
+def _is_native_config(raw: Mapping) -> bool:
+    return "dim" in raw and "hidden_size" not in raw
 
 
 def _is_native_key(name: str) -> bool:
     return name.startswith(("tok_embeddings.", "layers.", "output.", "norm."))
-
-
-def _torch_load(file: Path) -> dict:
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise CheckpointError(f"{file}: cannot read ({_first_line(e)})") from None
-        # pre-1.6 (non-zip) serialization cannot be mapped; still weights-only, just read into memory
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e2:
-            raise CheckpointError(f"{file}: cannot read ({_first_line(e2)})") from None
-    except Exception as e:  # UnpicklingError (not weights-only), EOFError, zip errors, ...
-        raise CheckpointError(f"{file}: cannot read ({_first_line(e)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("module"), dict):  # FlagAI training checkpoint wrapper
-        obj = obj["module"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{file}: expected a state dict, found {type(obj).__name__}")
-    return obj
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs of one weight file; tensors are views of the memory-mapped file."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            names = list(handle.keys())
-        except Exception as e:  # SafetensorError: bad header, truncated data, ...
-            raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
-        for name in names:
-            try:
-                yield name, handle.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{file}: cannot read tensor {name} ({_first_line(e)})") from None
-    else:
-        for name, value in _torch_load(file).items():
-            if not isinstance(value, torch.Tensor):
-                raise CheckpointError(f"{file}: entry {name!r} is a {type(value).__name__}, not a tensor")
-            yield name, value
 
 
 # ====================================================================== names and q/k permutation
@@ -326,7 +172,9 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (f, d),
             p + "mlp.down_proj.weight": (d, f),
         })
-    shapes.update({"model.norm.weight": (d,), "lm_head.weight": (v, d)})
+    shapes["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:  # a tied head is the embedding table: files (as transformers') omit it
+        shapes["lm_head.weight"] = (v, d)
     return shapes
 
 
@@ -362,9 +210,11 @@ def load_state_dict(path: str | Path, dtype: str | torch.dtype | None = None, cf
     out: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for file in weight_files(path):
-        for name, t in _read_file(file):
+        for name, t in iter_tensors(file):
             if name.endswith("rotary_emb.inv_freq"):  # written by old converters; recomputed from the config
                 continue
+            if cfg.tie_word_embeddings and name == "lm_head.weight":  # a copy of the embeddings; transformers
+                continue  # ignores it too (it ties the head to embed_tokens)
             pairs = _native_to_hf(name, t, cfg) if _is_native_key(name) else [(name, t)]
             for hf_name, hf_t in pairs:
                 if hf_name in out:
@@ -388,11 +238,12 @@ def default_dtype(sd: Mapping[str, torch.Tensor], device: str | torch.device) ->
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Config]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               check_weights: bool = False) -> tuple[nn.Module, Config]:
     """(Transformer in eval mode, Config) from any supported checkpoint directory.
 
     dtype None → float32 on CPU, the checkpoint's own dtype elsewhere (see `default_dtype`).
+    check_weights: refuse (one line naming them) tensors that hold NaN or Inf.
     """
     from tianying.model import build_model
 
@@ -400,27 +251,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     device = torch.device(device)
     model = build_model(cfg, init=False)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
     sd = load_state_dict(path, cfg=cfg, shapes=shapes)  # memory-mapped views, nothing copied yet
     want = parse_dtype(dtype) or default_dtype(sd, device)
     for name, t in sd.items():  # one tensor at a time, so at most one extra tensor is alive
         if t.is_floating_point() and t.dtype != want or t.device != device:
             sd[name] = t.to(device=device, dtype=want if t.is_floating_point() else t.dtype)
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: {first_line(e)}") from None
+    tie_embeddings(model)  # assign=True gave the head its own Parameter; training must update one table
     left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: {left[0]} was not loaded")
+    if check_weights:
+        check_finite(model, path)
     return model.eval(), cfg
 
 
 # ====================================================================== writing
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
 def _as_state_dict(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(model_or_sd, nn.Module):
         return dict(model_or_sd.state_dict())
@@ -431,90 +284,7 @@ def _target_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
 
-def _write_safetensors(file: Path, tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
-    """Stream tensors into a safetensors file one at a time (no whole-shard copy in memory)."""
-    # larger elements first keeps every tensor aligned to its element size (header is padded to 8)
-    tensors = sorted(tensors, key=lambda nt: -torch.empty(0, dtype=_target_dtype(nt[1], dtype)).element_size())
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in tensors:
-        td = _target_dtype(t, dtype)
-        if td not in _ST_DTYPES:
-            raise CheckpointError(f"{name}: dtype {td} cannot be stored in safetensors")
-        size = t.numel() * torch.empty(0, dtype=td).element_size()
-        header[name] = {"dtype": _ST_DTYPES[td], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, t in tensors:
-            f.write(_raw_bytes(t, _target_dtype(t, dtype)))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _raw_bytes(t: torch.Tensor, dtype: torch.dtype) -> memoryview:
-    t = t.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
-def _write_text(file: Path, text: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(file: Path, obj: Any) -> None:
-    _write_text(file, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces `out_dir` only if the block completes."""
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise CheckpointError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-            raise CheckpointError(f"{out_dir} is a non-empty directory without config.json; refusing to replace "
-                                  "it (choose a new or checkpoint directory)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            # a crash between these two renames leaves the old checkpoint complete under `old`
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "ckpt")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path) -> None:
+def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path, cfg: Config | None = None) -> None:
     if tokenizer_dir is None:
         return
     src = Path(tokenizer_dir)
@@ -522,13 +292,17 @@ def _copy_tokenizer(tokenizer_dir: str | Path | None, out: Path) -> None:
         raise CheckpointError(f"tokenizer directory {src} does not exist")
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
-            with open(out / name, "rb+") as f:
-                os.fsync(f.fileno())
+            copy_file(src / name, out / name)
+    from tianying.templates import checkpoint_template, write_chat_template
+
+    # the template as Jinja too, so transformers / vLLM / llama.cpp render the chats tianying renders
+    write_chat_template(out, checkpoint_template(src, cfg))
 
 
 def _prepare(model_or_sd: nn.Module | Mapping[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in _as_state_dict(model_or_sd).items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:  # written as transformers writes a tied model: the embedding table only
+        sd.pop("lm_head.weight", None)
     _check({k: tuple(v.shape) for k, v in sd.items()}, expected_shapes(cfg), {k: "the state dict" for k in sd})
     return sd
 
@@ -566,20 +340,20 @@ def save_hf(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg: Co
         hf["torch_dtype"] = saved
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if getattr(cfg, k) is not None}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         if len(shards) == 1:
-            _write_safetensors(tmp / "model.safetensors", shards[0], dtype)
+            write_safetensors(tmp / "model.safetensors", shards[0], dtype)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(tmp / fname, shard, dtype)
+                write_safetensors(tmp / fname, shard, dtype)
                 weight_map.update({name: fname for name, _ in shard})
-            _write_json(tmp / "model.safetensors.index.json",
+            write_json(tmp / "model.safetensors.index.json",
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _write_json(tmp / "config.json", hf)
-        _write_json(tmp / "generation_config.json", gen)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        write_json(tmp / "config.json", hf)
+        write_json(tmp / "generation_config.json", gen)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg)
     return Path(out_dir)
 
 
@@ -590,8 +364,14 @@ def save_flagai(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg
     The v1 format has no rope_theta / rope_scaling; when they differ from the v1 defaults they are stored as
     extra config.json fields (read back by `load_config`, ignored by FlagAI itself — hence the warning).
     """
+    if cfg.head_dim_override:
+        raise CheckpointError(f"FlagAI's v1 layout cannot store head_dim {cfg.head_dim} != dim / n_heads; "
+                              "write a Hugging Face checkpoint instead")
     dtype = parse_dtype(dtype)
     sd = _prepare(model_or_state_dict, cfg)
+    if cfg.tie_word_embeddings:  # FlagAI has no tied head: it gets its own copy of the table
+        sd["lm_head.weight"] = _as_state_dict(model_or_state_dict).get("lm_head.weight",
+                                                                       sd["model.embed_tokens.weight"])
     native: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         nname, nt = _hf_to_native(name, t.detach(), cfg)
@@ -605,13 +385,13 @@ def save_flagai(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], cfg
                       "fields that FlagAI ignores", stacklevel=2)
         conf["rope_theta"] = cfg.rope_theta
         conf["rope_scaling"] = cfg.rope_scaling
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         with open(tmp / "pytorch_model.bin", "wb") as f:
             torch.save(native, f)
             f.flush()
             os.fsync(f.fileno())
-        _write_json(tmp / "config.json", conf)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        write_json(tmp / "config.json", conf)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg)
     return Path(out_dir)
 
 

@@ -10,7 +10,6 @@ ids 1 and 2 (which are `!` and `"` in the Aquila vocabulary), and one AquilaChat
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -52,15 +51,40 @@ class Config:
     logn_length: int | None = None  # L for LogN; None → max_position_embeddings (the training length)
     attention_window: int | None = None  # W: a query sees only the last W positions (itself included)
     attention_sinks: int = 0  # S: the first S positions stay visible to every query (with a window)
+    # other LLaMA-family checkpoints (not Aquila layouts, which are untied with head_dim = hidden/heads)
+    tie_word_embeddings: bool = False  # the LM head shares the embedding table (Llama 3.2 1B/3B, many small models)
+    head_dim_override: int | None = None  # config.json's `head_dim` when it is not hidden_size / n_head
     extra: dict = field(default_factory=dict, repr=False)  # unknown config.json keys, kept for round-trip
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.hidden_size % self.n_head:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        for f in ("vocab_size", "hidden_size", "n_layer", "n_head", "n_kv_head", "intermediate_size",
+                  "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{_HF_NAMES.get(f, f)} must be a positive integer, got {v!r}")
+        for f in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise ConfigError(f"{f} must be a positive number, got {v!r}")
+        if self.head_dim_override is not None:
+            if self.head_dim_override == self.hidden_size // self.n_head and not self.hidden_size % self.n_head:
+                self.head_dim_override = None  # the default spelled out: one canonical form
+            elif (not isinstance(self.head_dim_override, int) or isinstance(self.head_dim_override, bool)
+                  or self.head_dim_override < 2 or self.head_dim_override % 2):
+                raise ConfigError(f"head_dim must be a positive even integer, got {self.head_dim_override!r}")
+        elif self.hidden_size % self.n_head:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.n_head}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+            raise ConfigError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads "
+                              f"{self.n_kv_head}")
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"{f} must be a non-negative integer or null, got {v!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
         if self.attention_window is not None and self.attention_window < 1:
@@ -72,14 +96,15 @@ class Config:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.n_head
+        return self.head_dim_override or self.hidden_size // self.n_head
 
     @property
     def n_params(self) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         kv = self.n_kv_head * self.head_dim
-        per_layer = d * d * 2 + 2 * d * kv + 3 * d * f + 2 * d
-        return 2 * v * d + self.n_layer * per_layer + d
+        q = self.n_head * self.head_dim
+        per_layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d
+        return (1 if self.tie_word_embeddings else 2) * v * d + self.n_layer * per_layer + d
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -96,21 +121,28 @@ class Config:
     # ------------------------------------------------------------------ config.json
     @classmethod
     def from_hf(cls, path_or_dict: str | Path | dict) -> Config:
-        """Read a transformers (`llama`/`aquila`) or FlagAI-native config.json."""
-        if isinstance(path_or_dict, dict):
-            raw = path_or_dict
-        else:
-            path = Path(path_or_dict)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise ConfigError(f"no config.json at {path}")
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        """Read a transformers (`llama`/`aquila`) or FlagAI-native config.json (a dict, or a path, which goes
+        through `tianying.weights.load_config`, the one reader of config files)."""
+        if not isinstance(path_or_dict, dict):
+            from tianying.weights import load_config  # the file reader sits above us; it calls back with a dict
+
+            return load_config(path_or_dict)
+        raw = dict(path_or_dict)
+        rope_params = raw.pop("rope_parameters", None)  # transformers ≥ 5: theta and scaling in one object
+        if isinstance(rope_params, dict):
+            if "rope_theta" in rope_params:
+                raw.setdefault("rope_theta", rope_params["rope_theta"])
+            if raw.get("rope_scaling") is None and rope_params.get("rope_type", rope_params.get("type")) not in (
+                    None, "default"):
+                raw["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         if "dim" in raw and "hidden_size" not in raw:
-            return cls._from_flagai(raw)
+            cfg = cls._from_flagai(raw)
+            # fields `save_flagai` adds to a native config (FlagAI's v1 fields have none for RoPE)
+            changes = {k: raw[k] for k in ("rope_theta", "rope_scaling") if raw.get(k) is not None}
+            if changes:
+                cfg = cfg.replace(rope_theta=_num(changes, "rope_theta", float, cfg.rope_theta),
+                                  rope_scaling=changes.get("rope_scaling"))
+            return cfg
         return cls._from_transformers(raw)
 
     @classmethod
@@ -118,46 +150,42 @@ class Config:
         model_type = str(raw.get("model_type", "llama")).lower()
         if model_type not in ("llama", "aquila", "aquilachat"):
             raise ConfigError(f"model_type {model_type!r} is not a LLaMA/Aquila model")
-        if raw.get("tie_word_embeddings"):
-            raise ConfigError("tied input/output embeddings are not an Aquila layout")
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # a different activation would compute silently wrong logits
+            raise ConfigError(f"hidden_act {act!r} is not supported (LLaMA-family models use silu)")
+        for flag in ("attention_bias", "mlp_bias"):
+            if raw.get(flag):
+                raise ConfigError(f"{flag}: true is not supported (LLaMA-family layers have no biases)")
         raw = dict(raw)
-        rp = raw.get("rope_parameters")  # transformers ≥ 5 spelling: theta and scaling in one object
-        if isinstance(rp, dict):
-            raw.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
-            if raw.get("rope_scaling") is None and rp.get("rope_type", rp.get("type")) not in (None, "default"):
-                raw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-        try:
-            n_head = int(raw["num_attention_heads"])
-            cfg = dict(
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=int(raw["hidden_size"]),
-                n_layer=int(raw["num_hidden_layers"]),
-                n_head=n_head,
-                n_kv_head=int(raw.get("num_key_value_heads") or n_head),
-                intermediate_size=int(raw["intermediate_size"]),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(raw.get("rope_theta", 10000.0)),
-                rope_scaling=raw.get("rope_scaling"),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_id=raw.get("eos_token_id"),
-                pad_token_id=raw.get("pad_token_id"),
-                initializer_range=float(raw.get("initializer_range", 0.02)),
-                chat_template=raw.get("tianying_chat_template"),
-                torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
-                **{k: raw[k] for k in _LONG_CONTEXT_KEYS if raw.get(k) is not None},
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        n_head = _num(raw, "num_attention_heads", int)
+        cfg = dict(
+            vocab_size=_num(raw, "vocab_size", int),
+            hidden_size=_num(raw, "hidden_size", int),
+            n_layer=_num(raw, "num_hidden_layers", int),
+            n_head=n_head,
+            n_kv_head=_num(raw, "num_key_value_heads", int, n_head),
+            intermediate_size=_num(raw, "intermediate_size", int),
+            max_position_embeddings=_num(raw, "max_position_embeddings", int, 2048),
+            rms_norm_eps=_num(raw, "rms_norm_eps", float, 1e-6),
+            rope_theta=_num(raw, "rope_theta", float, 10000.0),
+            rope_scaling=raw.get("rope_scaling"),
+            bos_token_id=_token_id(raw, "bos_token_id"),
+            eos_token_id=_token_id(raw, "eos_token_id"),
+            pad_token_id=_token_id(raw, "pad_token_id"),
+            initializer_range=_num(raw, "initializer_range", float, 0.02),
+            chat_template=raw.get("tianying_chat_template"),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            tie_word_embeddings=_flag(raw, "tie_word_embeddings"),
+            head_dim_override=_num(raw, "head_dim", int, None),
+            **{k: raw[k] for k in _LONG_CONTEXT_KEYS if raw.get(k) is not None},
+        )
         _restore_ntk(cfg, raw.pop("tianying_rope_scaling", None), raw)
-        if isinstance(cfg["eos_token_id"], list):
-            cfg["eos_token_id"] = cfg["eos_token_id"][0]
         known = {
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
             "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "tianying_chat_template",
             "torch_dtype", "dtype", "model_type", "architectures", "tie_word_embeddings", "rope_parameters",
-            *_LONG_CONTEXT_KEYS,
+            "head_dim", "hidden_act", "attention_bias", "mlp_bias", *_LONG_CONTEXT_KEYS,
         }
         cfg["extra"] = {k: v for k, v in raw.items() if k not in known}
         return cls(**_fix_special_ids(cfg))
@@ -165,27 +193,25 @@ class Config:
     @classmethod
     def _from_flagai(cls, raw: dict) -> Config:
         """FlagAI v1 native fields (seed-spec §1.4); FFN width follows its multiple_of rule."""
-        try:
-            d, n_head = int(raw["dim"]), int(raw["n_heads"])
-            multiple_of = int(raw.get("multiple_of", 256))
-            ffn = raw.get("intermediate_size") or ffn_width(d, multiple_of)
-            cfg = dict(
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=d,
-                n_layer=int(raw["n_layers"]),
-                n_head=n_head,
-                n_kv_head=int(raw.get("n_kv_heads") or n_head),
-                intermediate_size=int(ffn),
-                max_position_embeddings=int(raw.get("max_seq_len", 2048)),
-                rms_norm_eps=float(raw.get("norm_eps", 1e-6)),
-                initializer_range=float(raw.get("initializer_range", 0.02)),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_id=raw.get("eos_token_id"),
-                pad_token_id=raw.get("pad_token_id", AQUILA_PAD),
-                chat_template=raw.get("tianying_chat_template"),
-            )
-        except KeyError as e:
-            raise ConfigError(f"FlagAI config.json lacks required field {e.args[0]!r}") from None
+        d, n_head = _num(raw, "dim", int), _num(raw, "n_heads", int)
+        multiple_of = _num(raw, "multiple_of", int, 256)
+        if multiple_of < 1:
+            raise ConfigError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+        cfg = dict(
+            vocab_size=_num(raw, "vocab_size", int),
+            hidden_size=d,
+            n_layer=_num(raw, "n_layers", int),
+            n_head=n_head,
+            n_kv_head=_num(raw, "n_kv_heads", int, n_head),
+            intermediate_size=_num(raw, "intermediate_size", int, None) or ffn_width(d, multiple_of),
+            max_position_embeddings=_num(raw, "max_seq_len", int, 2048),
+            rms_norm_eps=_num(raw, "norm_eps", float, 1e-6),
+            initializer_range=_num(raw, "initializer_range", float, 0.02),
+            bos_token_id=_token_id(raw, "bos_token_id"),
+            eos_token_id=_token_id(raw, "eos_token_id"),
+            pad_token_id=_token_id(raw, "pad_token_id", AQUILA_PAD),
+            chat_template=raw.get("tianying_chat_template"),
+        )
         return cls(**_fix_special_ids(cfg))
 
     def to_hf(self) -> dict:
@@ -207,13 +233,15 @@ class Config:
             "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,  # transformers edits it
             "attention_bias": False,
             "mlp_bias": False,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "use_cache": True,
         }
+        if self.head_dim_override:
+            out["head_dim"] = self.head_dim_override
         for k in ("auto_map",):  # remote-code pointers would make transformers look for files we do not write
             out.pop(k, None)
         if self.rope_scaling and self.rope_scaling["type"] == "ntk":
@@ -250,6 +278,42 @@ class Config:
             "pad_token_id": self.pad_token_id,
             **({"tianying_chat_template": self.chat_template} if self.chat_template else {}),
         }
+
+
+_HF_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads"}
+_REQUIRED = object()
+
+
+def _num(raw: dict, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """raw[key] as an int/float, or one line naming the field: "256" (a string) is a mistake, not a number.
+    A missing key, or null where a default exists, gives the default."""
+    v = raw.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks required field {key!r}")
+        return default
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool):
+        want = "an integer" if kind is int else "a number"
+        raise ConfigError(f"field {key!r} must be {want}, got {v!r} ({type(v).__name__})")
+    return kind(v)
+
+
+def _token_id(raw: dict, key: str, default: int | None = None) -> int | None:
+    """A special-token id; transformers allows a list (several EOS ids), of which the first is the primary."""
+    v = raw.get(key, default)
+    if isinstance(v, list):
+        v = v[0] if v else None
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        raise ConfigError(f"field {key!r} must be an integer token id or null, got {v!r}")
+    return None if v is not None and v < 0 else v  # early LLaMA conversions wrote pad_token_id -1 for "none"
+
+
+def _flag(raw: dict, key: str) -> bool:
+    v = raw.get(key, False)
+    if not isinstance(v, bool) and v is not None:
+        raise ConfigError(f"field {key!r} must be true or false, got {v!r}")
+    return bool(v)
 
 
 _LONG_CONTEXT_KEYS = ("logn_attention", "logn_length", "attention_window", "attention_sinks")

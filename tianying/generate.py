@@ -1,7 +1,7 @@
-"""Token generation: logits processing, sampling, and the KV-cache decode loop.
+"""Sampling: the per-request parameters, logits processing, and text-level stop strings.
 
-The engine knows nothing about text; it turns prompt ids into new ids, so it is tested with mock models of
-fixed logits. Text concerns (stop strings, streaming detokenization) live in `StopMatcher` and `tianying.api`.
+The decode loop itself is `tianying.engine` (one scheduler and one KV cache for every generation path);
+these functions are its per-row sampler, tested with fixed logits.
 
 Two processing orders are offered:
 - standard (transformers' order): repetition penalty → temperature → top-k → top-p;
@@ -11,7 +11,7 @@ Two processing orders are offered:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +34,14 @@ class SamplingParams:
     seed: int | None = None
     legacy: bool = False
     min_new_tokens: int = 0  # stop ids are banned before this many tokens
-    stop: tuple[str, ...] = field(default=())  # text-level; handled by the caller (see StopMatcher)
+    stop: tuple[str, ...] = field(default=())  # text-level; handled by the engine (see StopMatcher)
+    # OpenAI's penalties on tokens already generated: logit −= frequency·count + presence·[count > 0]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # added to the logits before sampling
+    logprobs: int | None = None  # None: off; k ≥ 0: the sampled token's log-probability and the top k
+    prompt_logprobs: bool = False  # also score every prompt token (OpenAI's `echo` with logprobs)
+    n: int = 1  # independent completions of one prompt (they share its KV cache)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -47,6 +54,21 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise GenerationError(f"{name} must be in [-2, 2], got {v}")
+        for t, b in dict(self.logit_bias).items():
+            if not (isinstance(t, int) and t >= 0):
+                raise GenerationError(f"logit_bias keys must be token ids ≥ 0, got {t!r}")
+            if not -100.0 <= b <= 100.0:
+                raise GenerationError(f"logit_bias values must be in [-100, 100], got {b} for token {t}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise GenerationError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.n < 1:
+            raise GenerationError(f"n must be ≥ 1, got {self.n}")
+        if self.seed is not None and not -(2**63) <= int(self.seed) < 2**64:
+            raise GenerationError(f"seed must fit in 64 bits, got {self.seed}")
         if self.legacy and self.temperature == 0:  # the seed's predict(): greedy as top-1 sampling
             self.top_k, self.temperature = 1, 1.0
         if self.legacy:
@@ -55,6 +77,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: no processor changes which token wins."""
+        return (self.temperature == 0 and self.repetition_penalty == 1.0 and self.min_new_tokens == 0
+                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias
+                and not self.legacy)
 
 
 # ---------------------------------------------------------------------------------------------- processors
@@ -110,118 +139,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------- decode loop
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, T] ids and a [B, T] bool mask (None when no row needs padding)."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, T - len(p):] = True
-    return ids, (None if bool(mask.all()) else mask)
-
-
-def prefill(model, ids: torch.Tensor, cache, positions: torch.Tensor | None = None,
-            pad_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
-    """Runs the prompt [B, T] into `cache` in chunks of `chunk` tokens; returns the last position's logits [B, V].
-
-    With a window cache a chunk attends to at most S + W + chunk keys, so peak memory is flat in T.
-    """
-    T = ids.shape[1]
-    chunk = chunk or T
-    logits = None
-    for a in range(0, T, chunk):
-        b = min(a + chunk, T)
-        logits = model(ids[:, a:b], cache=cache, positions=None if positions is None else positions[:, a:b],
-                       pad_mask=None if pad_mask is None else pad_mask[:, a:b], last_only=True)
-    return logits[:, -1]
-
-
-def make_cache(model, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
-    """A KVCache for max_len positions, or a fixed-size WindowKVCache when the config sets attention_window."""
-    from tianying.model import KVCache, WindowKVCache
-
-    cfg = model.config
-    if getattr(cfg, "attention_window", None):
-        return WindowKVCache(cfg, batch_size, cfg.attention_window, cfg.attention_sinks, dtype, device)
-    return KVCache(cfg, batch_size, max_len, dtype, device)
-
-
-@torch.inference_mode()
-def generate_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0,
-                    device: torch.device | str | None = None,
-                    prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
-    """Yields the next token of every row, [B] on CPU, until all rows hit a stop id or max_new_tokens.
-
-    Rows that finished keep receiving `pad_id` (as transformers does) so the batch stays rectangular; the
-    caller reads per-row completion from the stop ids. Left padding + per-row positions make a batched
-    row compute exactly what it would alone. A config with `attention_window` decodes with a ring-buffer cache
-    and prefills in chunks of `prefill_chunk` (default max(W, 256)) tokens; without a window the prompt goes
-    in one forward unless `prefill_chunk` is given.
-    """
-
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GenerationError("every prompt needs at least one token")
-    if params.max_new_tokens == 0:
-        return
-    device = device or next(model.parameters()).device
-    cfg = model.config
-    ids, pad_mask = left_pad(prompts, pad_id)
-    B, T = ids.shape
-    ids = ids.to(device)
-    dtype = getattr(model, "compute_dtype", None) or next(model.parameters()).dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    cache = make_cache(model, B, T + params.max_new_tokens, dtype, device)
-    window = getattr(cfg, "attention_window", None)
-    if window and pad_mask is not None and cfg.attention_sinks:
-        raise GenerationError("attention sinks are the first cache columns, which left padding fills with pads: "
-                              "generate rows of different lengths one at a time")
-    if window and prefill_chunk is None:
-        prefill_chunk = max(window, 256)
-
-    positions = None
-    if pad_mask is not None:
-        pad_mask = pad_mask.to(device)
-        positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
-        next_pos = positions[:, -1:] + 1
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(params.seed))
-    track_seen = params.repetition_penalty != 1.0
-    seen = ids if track_seen else None  # padding ids in `seen` only matter if the model would emit them
-    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    some_finished = False  # a Python flag, so an ordinary step spends no tensor ops on bookkeeping
-
-    if prefill_chunk and prefill_chunk < T:
-        logits = prefill(model, ids, cache, positions, pad_mask, prefill_chunk)
-    else:
-        logits = model(ids, cache=cache, positions=positions, pad_mask=pad_mask, last_only=True)[:, -1]
-    for step in range(params.max_new_tokens):
-        processed = process_logits(logits.float(), params, seen, step)
-        nxt = sample(processed, params, generator)
-        if some_finished:
-            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
-        yield nxt.cpu()
-        if stop_ids.numel():
-            unfinished &= ~torch.isin(nxt, stop_ids)
-            some_finished = not bool(unfinished.all())
-            if some_finished and not bool(unfinished.any()):
-                return
-        if step + 1 == params.max_new_tokens:
-            return
-        if track_seen:
-            seen = torch.cat([seen, nxt[:, None]], dim=1)
-        if positions is None:
-            logits = model(nxt[:, None], cache=cache, last_only=True)[:, -1]
-        else:
-            logits = model(nxt[:, None], cache=cache, positions=next_pos, last_only=True)[:, -1]
-            next_pos = next_pos + 1
 
 
 # ---------------------------------------------------------------------------------------------- stop strings

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,26 +301,26 @@ _LORA_KEY = re.compile(r".+\.lora_[AB]\.weight")
 
 def save_adapter(model_or_sd: nn.Module | dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | Path,
                  base_model: str | None = None, meta: dict | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (+ tianying_adapter.json when `meta`), atomically."""
-    from safetensors.torch import save_file
+    """Write adapter_config.json + adapter_model.safetensors (+ tianying_adapter.json when `meta`), atomically:
+    an existing adapter in `out_dir` stays intact until the new one is complete.
+
+    `base_model` (peft's `base_model_name_or_path`) is stored absolute when it names a local directory, so
+    the adapter still points at its base after being moved; anything else (a hub id) as given. Nothing ever
+    requires it to exist: `apply_adapter` takes the base model it is given.
+    """
+    from tianying.weights import atomic_dir, write_json, write_safetensors
 
     sd = {k: v.contiguous().cpu() for k, v in lora_state_dict(model_or_sd).items()}
     if not sd:
         raise AdapterError("the model has no LoRA layers to save")
+    if base_model is not None and Path(base_model).is_dir():
+        base_model = str(Path(base_model).resolve())
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_peft(base_model), indent=2) + "\n", encoding="utf-8")
-        save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with atomic_dir(out, marker=ADAPTER_CONFIG) as tmp:
+        write_json(tmp / ADAPTER_CONFIG, cfg.to_peft(None if base_model is None else str(base_model)))
+        write_safetensors(tmp / ADAPTER_WEIGHTS, sorted(sd.items()))
         if meta:
-            (tmp / TIANYING_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / TIANYING_META, meta)
     return out
 
 
@@ -339,12 +337,12 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.T
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
     cfg = LoRAConfig.from_peft(raw, str(cfg_file))
-    if (d / ADAPTER_WEIGHTS).is_file():
-        from safetensors.torch import load_file
+    from tianying.weights import inside, iter_tensors
 
-        sd = load_file(str(d / ADAPTER_WEIGHTS))
-    elif (d / ADAPTER_WEIGHTS_BIN).is_file():  # older peft, and the seed's v1 adapters
-        sd = torch.load(d / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+    if (d / ADAPTER_WEIGHTS).is_file():
+        sd = dict(iter_tensors(inside(d, ADAPTER_WEIGHTS)))
+    elif (d / ADAPTER_WEIGHTS_BIN).is_file():  # older peft, and the seed's v1 adapters (weights only)
+        sd = dict(iter_tensors(inside(d, ADAPTER_WEIGHTS_BIN)))
     else:
         raise AdapterError(f"{d} has neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN}")
     weights: dict[str, torch.Tensor] = {}

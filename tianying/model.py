@@ -8,11 +8,12 @@ Aquila / Aquila2 is a LLaMA-shaped decoder (seed-spec §1.1):
 - SwiGLU MLP: down(silu(gate(x)) · up(x))
 - no biases anywhere; untied input embedding and LM head; no embedding scaling
 - long-context switches, all off by default (issue 8; not in Aquila's code): RoPE scaling kinds (tianying.rope),
-  LogN query scaling beyond the training length, sliding-window attention with optional sink tokens and a
-  ring-buffer `WindowKVCache` whose memory stays flat however long generation runs
+  LogN query scaling beyond the training length, sliding-window attention with optional sink tokens (the
+  `KVCache` then keeps a ring of window + sink slots per row, so memory stays flat however long generation runs)
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) so a
-transformers state dict loads with no renaming. Generation uses a preallocated `KVCache`.
+transformers state dict loads with no renaming. Generation (tianying.engine) gives the model positions and
+rows of one preallocated `KVCache`; the model only calls the cache's step protocol (`begin`/`update`/`end`).
 """
 
 from __future__ import annotations
@@ -50,117 +51,202 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: [n_layer, B, n_kv_head, max_len, head_dim].
+    """Keys/values of `rows` sequences, each with its own length: [n_layer, rows, n_kv_head, slots, head_dim].
 
-    `pos` is the number of filled positions (shared by the batch; left padding makes rows ragged, and
-    `valid` marks which cached positions are real tokens).
+    Row r holds positions 0 … lengths[r]−1 of its sequence (keys after RoPE). Without a window a row has
+    `capacity` slots and position j lives in slot j. With the config's `attention_window` W and
+    `attention_sinks` S the same class keeps only
+    S + W slots per row whatever the length: position j lives in slot j if j < S, else in S + (j − S) mod W,
+    so a row always holds its sinks and the W most recent positions — exactly the keys a window-W query can
+    still see (slot order does not matter to attention).
+
+    The model sees the cache only through `begin(T)` → a step (`positions`, `mask`, `update`) and `end(step)`;
+    `view(lo, hi)` gives the same protocol over a range of rows, which is how the engine runs a decode step
+    for every active row and a prefill chunk for one.
     """
 
-    def __init__(self, cfg: Config, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        # empty, not zeros: only written columns [:pos] are ever read, and untouched pages cost no memory
+    def __init__(self, cfg: Config, rows: int, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        window = cfg.attention_window  # the config's attention decides the layout: a window keeps a ring
+        self.window, self.sinks = (int(window), int(cfg.attention_sinks or 0)) if window else (None, 0)
+        self.slots = self.window + self.sinks if self.window else int(capacity)
+        self.capacity = 2**62 if self.window else int(capacity)  # positions a row may reach
+        shape = (cfg.n_layer, rows, cfg.n_kv_head, self.slots, cfg.head_dim)
+        # empty: untouched pages cost no memory, so rows × context can be sized generously. A ragged step
+        # multiplies masked-out slots too, and uninitialised memory may hold NaN (0 · NaN is NaN), so slots a row
+        # never wrote are zeroed the first time a step reads past them (`written`).
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: one op per write/read
-        self.valid: torch.Tensor | None = None  # [B, max_len] bool once any padding was seen
-        self.max_len = max_len
-        self.pos = 0
+        self.rows = rows
+        self.lengths = [0] * rows
+        self.written = [0] * rows  # slots [0, written) of a row hold finite values
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes k, v [B, n_kv_head, T, D] in place at `pos`; returns the filled [B, n_kv_head, pos+T, D]."""
-        T = k.shape[2]
-        kc, vc = self._layers[layer]
-        kc.narrow(2, self.pos, T).copy_(k)
-        vc.narrow(2, self.pos, T).copy_(v)
-        return kc.narrow(2, 0, self.pos + T), vc.narrow(2, 0, self.pos + T)
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int, capacity: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """A cache shaped for `model` (its config's window/sinks, its compute dtype and device)."""
+        cfg = model.config
+        p = next(model.parameters())
+        dtype = dtype or getattr(model, "compute_dtype", p.dtype)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            dtype = torch.float32
+        return cls(cfg, rows, capacity, dtype, device or p.device)
 
-    def reset(self) -> None:
-        self.pos = 0
-        self.valid = None
+    @property
+    def pos(self) -> int:
+        """The common length of every row (for single-sequence use)."""
+        if len(set(self.lengths)) != 1:
+            raise ValueError(f"rows have different lengths {self.lengths}")
+        return self.lengths[0]
 
+    def memory_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
 
-class WindowKVCache:
-    """Keys/values for sliding-window attention: S sink slots, then a ring of W slots; memory never grows.
+    def reset(self, row: int | None = None) -> None:
+        for r in range(self.rows) if row is None else (row,):
+            self.lengths[r] = 0
 
-    Position j (0-based, counted over the whole sequence including left padding) lives in slot j if j < S,
-    else in slot S + (j − S) mod W, so the ring always holds the W most recent non-sink positions: exactly the
-    keys a window-W query can still see. Keys are cached after RoPE, so a slot's order does not matter.
-    A one-token step writes first and then attends to every filled slot (no mask); a chunk of T > 1 tokens
-    attends to [filled slots, its own keys] under an explicit mask and then writes its last entries, so a
-    chunk may be longer than the window. Same protocol as KVCache (`pos`, `max_len`, `valid`, `update`).
-    """
+    def view(self, lo: int, hi: int) -> CacheRows:
+        return CacheRows(self, lo, hi)
 
-    def __init__(self, cfg: Config, batch_size: int, window: int, sinks: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        self.window, self.sinks, self.capacity = int(window), int(sinks), int(window) + int(sinks)
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.capacity, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-        self.valid: torch.Tensor | None = None  # [B, capacity] per slot, once any padding was seen
-        self.max_len = 2**62  # no length limit: that is the point
-        self.pos = 0
-        self._plan: tuple | None = None
+    def begin(self, T: int, device: torch.device | None = None) -> CacheStep:
+        return CacheStep(self, 0, self.rows, T)
+
+    def end(self, step: CacheStep) -> None:
+        for r in range(step.lo, step.hi):
+            self.lengths[r] += step.T
 
     def slot(self, j: torch.Tensor) -> torch.Tensor:
-        """Slot of absolute positions `j`."""
+        """Slot of absolute positions `j` (identity without a window)."""
+        if not self.window:
+            return j
         S = self.sinks
         return torch.where(j < S, j, S + (j - S) % self.window)
 
-    def held_positions(self, n: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Absolute positions in slots 0 … filled−1 after `n` (default `pos`) tokens."""
-        n = self.pos if n is None else n
+    def held_positions(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Absolute positions in slots 0 … held−1 of a row of length `n`."""
+        if not self.window:
+            return torch.arange(n, device=device)
         S, W = self.sinks, self.window
         sinks = torch.arange(min(n, S), device=device)
         m = max(n - S, 0)  # non-sink tokens seen
         r = torch.arange(min(m, W), device=device)
         return torch.cat([sinks, S + r + W * torch.div(m - 1 - r, W, rounding_mode="floor")])
 
-    def prepare(self, T: int, device: torch.device, key_positions: bool = True) -> torch.Tensor | None:
-        """Plans the writes of the next T tokens; returns the absolute positions of the keys `update` returns."""
-        start = self.pos
-        if T == 1 and not key_positions:  # the common decode step: plain ints, no tensor ops
-            S = self.sinks
-            self._plan = (1, start if start < S else S + (start - S) % self.window, None)
-            return None
-        new = torch.arange(start, start + T, device=device)
-        slots = self.slot(new)
-        keep = torch.zeros(T, dtype=torch.bool, device=device)
+    def copy_row(self, src: int, dst: int, n: int | None = None) -> None:
+        """Row `dst` becomes the first `n` (default all) positions of row `src` (n > 1 choices of one prompt)."""
+        n = self.lengths[src] if n is None else n
+        held = min(n, self.slots)
+        if self.window and n > self.sinks + self.window and n != self.lengths[src]:
+            raise ValueError("a window row can only be copied whole")
+        self.k[:, dst, :, :held] = self.k[:, src, :, :held]
+        self.v[:, dst, :, :held] = self.v[:, src, :, :held]
+        self.lengths[dst] = n
+        self.written[dst] = max(self.written[dst], held)
+
+
+class CacheRows:
+    """Rows [lo, hi) of a KVCache, with the cache's step protocol."""
+
+    def __init__(self, cache: KVCache, lo: int, hi: int) -> None:
+        self.cache, self.lo, self.hi = cache, lo, hi
+
+    def begin(self, T: int, device: torch.device | None = None) -> CacheStep:
+        return CacheStep(self.cache, self.lo, self.hi, T)
+
+    def end(self, step: CacheStep) -> None:
+        self.cache.end(step)
+
+
+class CacheStep:
+    """What one forward of T new tokens per row needs: rotary positions, the attention mask, and `update`,
+    which writes a layer's new keys/values and returns the keys/values to attend to.
+
+    T = 1 allows rows of different lengths (a batched decode step: each row writes at its own slot, and a
+    mask hides the slots past a row's length when lengths differ). T > 1 (a prefill chunk) needs rows of
+    equal length; with a window the chunk attends to [held slots, its own keys] and then writes its last
+    entries, so a chunk may be longer than the window.
+    """
+
+    def __init__(self, cache: KVCache, lo: int, hi: int, T: int) -> None:
+        self.cache, self.lo, self.hi, self.T = cache, lo, hi, T
+        lengths = cache.lengths[lo:hi]
+        self.lengths = lengths
+        self.uniform = len(set(lengths)) == 1
+        n = lengths[0]
+        if T > 1 and not self.uniform:
+            raise ValueError(f"a {T}-token step needs rows of equal length, got {lengths}")
+        if max(lengths) + T > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; asked for {max(lengths) + T}")
+        self.k_rows, self.v_rows = cache.k[:, lo:hi], cache.v[:, lo:hi]
+        self._write: tuple | None = None
+        self.mask: torch.Tensor | None = None
+        self.is_causal = False
+        device = cache.k.device
+        W, slots = cache.window, cache.slots
+        # rotary positions: None means start + arange(T), a slice of the model's table (no index arithmetic)
+        self.start = n if self.uniform else None
+        self.positions = None if self.uniform else torch.tensor(lengths, device=device)[:, None]
         if T == 1:
-            keep[0] = True
-        else:  # only the last write to each slot survives
-            last = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
-            last.scatter_reduce_(0, slots, torch.arange(T, device=device), reduce="amax")
-            keep[last[last >= 0]] = True
-        self._plan = (T, slots[keep], keep.nonzero().flatten())
-        if T == 1:
-            return self.held_positions(start + 1, device)
-        return torch.cat([self.held_positions(start, device), new])
+            held = [min(x + 1, slots) for x in lengths]
+            self.keys = max(held)
+            if self.uniform:
+                s = n if not W else (n if n < cache.sinks else cache.sinks + (n - cache.sinks) % W)
+                self._write = ("narrow", s)
+                for r in range(lo, hi):
+                    cache.written[r] = max(cache.written[r], s + 1)
+            else:
+                for r in range(lo, hi):  # every row reads `keys` slots: none of them may be uninitialised
+                    if cache.written[r] < self.keys:
+                        cache.k[:, r, :, cache.written[r]:self.keys] = 0
+                        cache.v[:, r, :, cache.written[r]:self.keys] = 0
+                        cache.written[r] = self.keys
+                pos = torch.tensor(lengths, device=device)
+                self._write = ("rows", torch.arange(hi - lo, device=device), cache.slot(pos))
+                self.mask = (torch.arange(self.keys, device=device)[None, :]
+                             < torch.tensor(held, device=device)[:, None])[:, None, None, :]
+            return
+        q_idx = torch.arange(n, n + T, device=device)
+        for r in range(lo, hi):
+            cache.written[r] = max(cache.written[r], min(n + T, slots))
+        if not W:
+            self._write = ("narrow", n)
+            self.keys = n + T
+            if n == 0:
+                self.is_causal = True
+            else:
+                self.mask = (torch.arange(n + T, device=device)[None, :] <= q_idx[:, None])[None, None]
+            return
+        # window chunk: keys = the held slots (in slot order) followed by the chunk's own keys
+        S = cache.sinks
+        k_idx = torch.cat([cache.held_positions(n, device), q_idx])
+        q, k = q_idx[:, None], k_idx[None, :]
+        self.mask = ((k <= q) & ((k > q - W) | (k < S)))[None, None]
+        new_slots = cache.slot(q_idx)
+        last = torch.full((slots,), -1, dtype=torch.long, device=device)  # only the last write to a slot stays
+        last.scatter_reduce_(0, new_slots, torch.arange(T, device=device), reduce="amax")
+        keep = last[last >= 0]
+        self._write = ("ring", min(n, slots), new_slots[keep], keep)
+        self.keys = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, n_kv_head, T, D] → the keys/values to attend to, in `prepare`'s order."""
-        T, slots, idx = self._plan
-        kc, vc = self._layers[layer]
-        if T == 1:
-            s = slots if isinstance(slots, int) else int(slots[0])
-            kc.narrow(2, s, 1).copy_(k)
-            vc.narrow(2, s, 1).copy_(v)
-            n = min(self.pos + 1, self.capacity)
-            return kc.narrow(2, 0, n), vc.narrow(2, 0, n)
-        n = min(self.pos, self.capacity)
-        k_all = torch.cat([kc.narrow(2, 0, n), k], dim=2)
-        v_all = torch.cat([vc.narrow(2, 0, n), v], dim=2)
-        kc.index_copy_(2, slots, k.index_select(2, idx))
-        vc.index_copy_(2, slots, v.index_select(2, idx))
+        """k, v [B, n_kv_head, T, D] → the keys/values to attend to [B, n_kv_head, keys, D]."""
+        kc, vc = self.k_rows[layer], self.v_rows[layer]
+        how = self._write
+        if how[0] == "narrow":
+            kc.narrow(2, how[1], self.T).copy_(k)
+            vc.narrow(2, how[1], self.T).copy_(v)
+            return kc.narrow(2, 0, self.keys), vc.narrow(2, 0, self.keys)
+        if how[0] == "rows":
+            _, b, s = how
+            kc[b, :, s] = k[:, :, 0]
+            vc[b, :, s] = v[:, :, 0]
+            return kc.narrow(2, 0, self.keys), vc.narrow(2, 0, self.keys)
+        _, held, slots, keep = how
+        k_all = torch.cat([kc.narrow(2, 0, held), k], dim=2)
+        v_all = torch.cat([vc.narrow(2, 0, held), v], dim=2)
+        kc.index_copy_(2, slots, k.index_select(2, keep))
+        vc.index_copy_(2, slots, v.index_select(2, keep))
         return k_all, v_all
-
-    def memory_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.valid = None
 
 
 class Attention(nn.Module):
@@ -174,7 +260,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, cache: KVCache | None, qscale: torch.Tensor | None = None) -> torch.Tensor:
+                is_causal: bool, cache: CacheStep | None, qscale: torch.Tensor | None = None) -> torch.Tensor:
         """cos/sin from `rope.rotation_tables`; `qscale` [B or 1, 1, T, 1] multiplies the rotated queries (LogN
         scaling); None leaves them."""
         B, T, _ = x.shape
@@ -238,6 +324,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:  # other LLaMA-family models (not Aquila): the head is the embedding table
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         # optional faster decode step (tianying.quantize.decode): (x, cos, sin, cache) → x after all layers, or
         # None when it does not handle this step; only consulted for one unpadded token per row
@@ -309,137 +397,74 @@ class Transformer(nn.Module):
             w.data = w.data.t().contiguous().t()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | CacheRows | None = None,
                 positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`).
 
         Args:
             input_ids: [B, T] token ids.
-            cache: a KVCache to append to (its `pos` advances by T); None for a plain forward.
-            positions: [B, T] rotary positions (default: cache.pos + arange(T)); left-padded batches pass
-                their own so every row starts at position 0.
-            pad_mask: [B, T] bool, False where a token is padding (it is never attended to).
+            cache: a KVCache (or rows of one) to append the T tokens to; None for a plain forward.
+            positions: [B, T] rotary positions (default: each row's cache length + arange(T), or arange(T)).
+            pad_mask: [B, T] bool, False where a token is padding (never attended to); plain forwards only.
         """
         B, T = input_ids.shape
-        start = cache.pos if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; asked for {start + T}")
         device = input_ids.device
-        if cache is not None:  # generating
-            self._use_decode_layout()
         cfg = self.config
+        step = None
+        start = 0
+        if cache is not None:
+            if pad_mask is not None:
+                raise ValueError("pad_mask is for plain forwards; cached rows have their own lengths")
+            self._use_decode_layout()
+            step = cache.begin(T, device)
+            if positions is None:
+                positions, start = step.positions, step.start or 0
+            mask, is_causal = step.mask, step.is_causal
+        else:
+            mask, is_causal = self._plain_mask(pad_mask, T, device)
         qscale = None
         if cfg.logn_attention:
             pos = positions if positions is not None else torch.arange(start, start + T, device=device)[None]
             qscale = logn_scale(pos, cfg.logn_length or cfg.max_position_embeddings)[:, None, :, None]
-        if cfg.attention_window:
-            mask, is_causal = self._window_mask(cache, pad_mask, start, T, device)
-            return self._run(input_ids, mask, is_causal, cache, positions, start, T, qscale, last_only)
-
-        # key validity: which of the (cached + new) positions are real tokens
-        valid = None
-        if cache is not None:
-            if pad_mask is not None and cache.valid is None:
-                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
-            if cache.valid is not None:
-                cache.valid[:, start:start + T] = True if pad_mask is None else pad_mask
-                valid = cache.valid[:, :start + T]
-        elif pad_mask is not None:
-            valid = pad_mask
-
-        # an unpadded decode step (T = 1, no valid mask) needs no mask at all: the query sees every key
-        mask, is_causal = None, False
-        if valid is None and start == 0:
-            is_causal = T > 1
-        elif valid is not None or T > 1:
-            S = start + T
-            q_idx = torch.arange(start, S, device=device)[:, None]
-            k_idx = torch.arange(S, device=device)[None, :]
-            mask = (k_idx <= q_idx)[None, None]  # [1, 1, T, S]
-            if valid is not None:
-                # a padded query may see nothing; letting it see itself avoids NaN rows (its output is unused)
-                mask = (mask & valid[:, None, None, :]) | (k_idx == q_idx)[None, None]
-
-        return self._run(input_ids, mask, is_causal, cache, positions, start, T, qscale, last_only)
-
-    def _run(self, input_ids: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None,
-             positions: torch.Tensor | None, start: int, T: int, qscale: torch.Tensor | None,
-             last_only: bool) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         if x.dtype != self.compute_dtype:  # embeddings stored narrower than the compute dtype
             x = x.to(self.compute_dtype)
-        cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, input_ids.device))
+        cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, device))
         if qscale is not None:
             qscale = qscale.to(x.dtype)
         fast = None
-        if (self.fast_decode is not None and T == 1 and mask is None and not is_causal and qscale is None
-                and positions is None and type(cache) is KVCache and not self.training
-                and not self.config.attention_window):
-            fast = self.fast_decode(x, cos, sin, cache)
-        for layer in self.model.layers if fast is None else ():
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, qscale, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal, cache, qscale)
+        if self.fast_decode is not None and step is not None and T == 1 and qscale is None and not self.training:
+            fast = self.fast_decode(x, cos, sin, step)  # None when it does not handle this step
         if fast is not None:
             x = fast
-        if cache is not None:
-            cache.pos += T
+        else:
+            for layer in self.model.layers:
+                if self.gradient_checkpointing and self.training:
+                    x = checkpoint(layer, x, cos, sin, mask, is_causal, step, qscale, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, is_causal, step, qscale)
+        if step is not None:
+            cache.end(step)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def _window_mask(self, cache: KVCache | WindowKVCache | None, pad_mask: torch.Tensor | None, start: int,
-                     T: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """Sliding-window mask [B or 1, 1, T, keys]: key j is visible to query i iff j ≤ i and (j > i − W or j < S).
-
-        i, j are absolute sequence indices (cache columns), so with left padding the window counts pad
-        columns too; they are invalid keys, and a row's window of real tokens is the same as unpadded.
-        """
-        cfg = self.config
-        W, S = cfg.attention_window, cfg.attention_sinks
-        q_idx = torch.arange(start, start + T, device=device)
-        ring = isinstance(cache, WindowKVCache)
-        if ring:
-            if (cache.window, cache.sinks) != (W, S):
-                raise ValueError(f"WindowKVCache(window={cache.window}, sinks={cache.sinks}) does not match the "
-                                 f"config's attention_window={W}, attention_sinks={S}")
-            if T == 1 and pad_mask is None and cache.valid is None:
-                cache.prepare(1, device, key_positions=False)
-                return None, False  # every held key is in the window
-            k_idx = cache.prepare(T, device)
-        else:
-            k_idx = torch.arange(start + T, device=device)
-        valid = None
-        if cache is not None:
-            if pad_mask is not None and cache.valid is None:
-                cache.valid = torch.ones(pad_mask.shape[0], cache.capacity if ring else cache.max_len,
-                                         dtype=torch.bool, device=device)
-            if cache.valid is not None:
-                new = True if pad_mask is None else pad_mask
-                if ring:
-                    slots = cache.slot(q_idx)
-                    held = min(start, cache.capacity)
-                    if T == 1:
-                        cache.valid[:, slots] = new
-                        valid = cache.valid[:, :min(start + 1, cache.capacity)]
-                    else:
-                        chunk = torch.ones(cache.valid.shape[0], T, dtype=torch.bool, device=device)
-                        chunk[:] = new
-                        valid = torch.cat([cache.valid[:, :held], chunk], dim=1)
-                        _, kept_slots, kept = cache._plan
-                        cache.valid[:, kept_slots] = chunk[:, kept]
-                else:
-                    cache.valid[:, start:start + T] = new
-                    valid = cache.valid[:, :start + T]
-        elif pad_mask is not None:
-            valid = pad_mask
-        q, k = q_idx[:, None], k_idx[None, :]
-        mask = (k <= q) & ((k > q - W) | (k < S))
+    def _plain_mask(self, pad_mask: torch.Tensor | None, T: int,
+                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """Causal (and sliding-window) mask of a forward without a cache; padded keys are never seen."""
+        W, S = self.config.attention_window, self.config.attention_sinks
+        if not W and pad_mask is None:
+            return None, T > 1
+        q = torch.arange(T, device=device)[:, None]
+        k = torch.arange(T, device=device)[None, :]
+        mask = k <= q
+        if W:
+            mask = mask & ((k > q - W) | (k < S))
         mask = mask[None, None]
-        if valid is not None:
-            mask = (mask & valid[:, None, None, :]) | (k == q)[None, None]
+        if pad_mask is not None:
+            # a padded query may see nothing; letting it see itself avoids NaN rows (its output is unused)
+            mask = (mask & pad_mask[:, None, None, :]) | (k == q)[None, None]
         return mask, False
 
 

@@ -8,6 +8,11 @@ Aquila2 behaviour). Special tokens are matched as whole strings anywhere in the 
 
 The BPE itself runs in the `tokenizers` library; this module only wires it up the Aquila way and guards the
 one silent trap of the original: without `special_tokens_map.json`, FlagAI resolved BOS/EOS to id 0.
+
+Other LLaMA-family tokenizers (a `tokenizer.json` with its own special tokens, wherever they sit, and BOS/EOS
+named in tokenizer_config.json) load as they are. The Aquila repairs — appending the 8 specials when no file
+lists them, defaulting BOS/EOS to `[CLS]`/`</s>` — apply only to files that are recognisably Aquila's: a
+vocabulary whose id 0 is `<|endoftext|>` and that declares no other added or special token.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def _one_line(e: BaseException) -> str:
 class Tokenizer:
     """Byte-level BPE with Aquila's special tokens; load with `Tokenizer.from_dir`."""
 
-    def __init__(self, backend, special_tokens: dict[str, int], roles: dict[str, str], base_vocab_size: int):
+    def __init__(self, backend, special_tokens: dict[str, int], roles: dict[str, str | None], base_vocab_size: int):
         self._tok = backend  # tokenizers.Tokenizer
         self.special_tokens: dict[str, int] = dict(special_tokens)
         self._roles = dict(roles)
@@ -89,8 +94,10 @@ class Tokenizer:
         self.unk_id = self._role_id("unk")
         self.pad_id = self._role_id("pad")
 
-    def _role_id(self, role: str) -> int:
-        tok = self._roles[role]
+    def _role_id(self, role: str) -> int | None:
+        tok = self._roles.get(role)
+        if tok is None:  # a non-Aquila tokenizer need not have every role (many have no unk or pad)
+            return None
         i = self._tok.token_to_id(tok)
         if i is None:
             raise TokenizerError(f"{role} token {tok!r} is not in the vocabulary")
@@ -129,9 +136,10 @@ class Tokenizer:
             merges = _read_merges(merges_file)
             backend = _new_backend(vocab, merges)
 
-        # the base vocab is the BPE model's own; anything beyond it is an added token
+        # the base vocab is the BPE model's own; anything beyond it is an added token. tokenizer.json's own
+        # added tokens may also sit inside it (a `tokenizers` BPE trained with special_tokens puts them at 0..k)
         base = backend.get_vocab_size(with_added_tokens=False)
-        existing = {t: i for t, i in backend.get_vocab(with_added_tokens=True).items() if i >= base}
+        existing = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
 
         declared: dict[str, int] = {}
         config_file = d / "tokenizer_config.json"
@@ -150,16 +158,19 @@ class Tokenizer:
             declared.update(added)
         declared.update(existing)
 
-        if not any(i >= base for i in declared.values()):
+        aquila = backend.token_to_id(ENDOFTEXT) == 0 and set(declared) <= {ENDOFTEXT}
+        if aquila:
             warnings.warn(f"{d}: no added_tokens.json, tokenizer_config.json or tokenizer.json lists the added "
                           f"tokens; appending the 8 standard Aquila special tokens at ids {base}..{base + 7}",
                           stacklevel=2)
             declared = {t: base + k for k, t in enumerate(AQUILA_SPECIALS)}
         _add_specials(backend, declared, base, d)
 
-        roles = _resolve_roles(d, config, backend)
+        aquila = aquila or backend.token_to_id(ENDOFTEXT) == 0 and AQUILA_SPECIALS[-1] in declared
+        roles = _resolve_roles(d, config, backend, aquila)
         specials = {t: i for t, i in backend.get_vocab(with_added_tokens=True).items() if i >= base}
-        if backend.token_to_id(ENDOFTEXT) is not None:
+        specials.update({t: i for t, i in declared.items() if i < base})
+        if aquila and backend.token_to_id(ENDOFTEXT) is not None:
             specials[ENDOFTEXT] = backend.token_to_id(ENDOFTEXT)
         specials = dict(sorted(specials.items(), key=lambda kv: kv[1]))
         return cls(backend, specials, roles, base)
@@ -185,13 +196,35 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return self._bos(bos) + ids + self._eos(eos)
+
+    def _bos(self, want: bool) -> list[int]:
+        if want and self.bos_id is None:
+            raise TokenizerError("this tokenizer has no BOS token (tokenizer_config.json names none)")
+        return [self.bos_id] if want else []
+
+    def _eos(self, want: bool) -> list[int]:
+        if want and self.eos_id is None:
+            raise TokenizerError("this tokenizer has no EOS token (tokenizer_config.json names none)")
+        return [self.eos_id] if want else []
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with special-token strings in it read as plain text (user content inside a chat).
+
+        `encode(add_special_tokens=False)` of `tokenizers` still matches added tokens, so this runs the
+        normaliser, pre-tokenizer and BPE model directly, as transformers' `_encode_without_added_tokens` does.
+        """
+        tok = self._tok
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)] if tok.pre_tokenizer is not None else [text]
+        return [t.id for s in splits for t in tok.model.tokenize(s)]
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel threads inside `tokenizers`."""
         out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
         if bos or eos:
-            out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
+            out = [self._bos(bos) + ids + self._eos(eos) for ids in out]
         return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -208,10 +241,18 @@ class Tokenizer:
         """id -> raw bytes for BPE tokens; None for special tokens (they decode to their own text)."""
         out: list[bytes | None] = [None] * self.vocab_size
         specials = set(self.special_tokens.values())
+        byte_level = [d.get("type") for d in self._decoder_steps] == ["ByteLevel"]
         for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
             if i not in specials:
-                out[i] = bytes(BYTE_DECODER[c] for c in tok)
+                out[i] = bytes(BYTE_DECODER[c] for c in tok) if byte_level else _piece_bytes(tok)
         return out
+
+    @cached_property
+    def _decoder_steps(self) -> list[dict]:
+        """The backend decoder's steps, e.g. [ByteLevel] (GPT-2, Aquila) or [Replace, ByteFallback, Fuse,
+        Strip] (LLaMA-2-style SentencePiece BPE), as tokenizer.json spells them."""
+        dec = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
+        return dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
 
     def token_bytes(self, i: int) -> bytes:
         """Raw bytes a token stands for (special tokens: their UTF-8 text)."""
@@ -223,8 +264,11 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write an HF directory that our `from_dir` and transformers' AutoTokenizer/GPT2Tokenizer both load."""
+    def save(self, directory: str | os.PathLike, chat_template: str | None = None) -> None:
+        """Write an HF directory that our `from_dir` and transformers' AutoTokenizer/GPT2Tokenizer both load.
+
+        `chat_template`: a Jinja source (`tianying.templates.jinja_source(name)`) for tokenizer_config.json.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
@@ -236,8 +280,11 @@ class Tokenizer:
         _write(d / "vocab.json", json.dumps(vocab, ensure_ascii=False))
         _write(d / "merges.txt", "\n".join([MERGES_HEADER, *merges]) + "\n")
         _write(d / "tokenizer.json", self._tok.to_str(pretty=False))
-        role_map = {f"{r}_token": self._roles[r] for r in ("bos", "eos", "unk", "pad")}
-        _write(d / "special_tokens_map.json", json.dumps(role_map, ensure_ascii=False, indent=2))
+        role_map = {f"{r}_token": self._roles[r] for r in ("bos", "eos", "unk", "pad") if self._roles.get(r)}
+        # the {"content": ...} form: FlagAI 1.8.4 reads only that one; transformers reads both
+        entry_map = {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+                     for k, v in role_map.items()}
+        _write(d / "special_tokens_map.json", json.dumps(entry_map, ensure_ascii=False, indent=2))
         added = {t: i for t, i in self.special_tokens.items() if i >= self.base_vocab_size}
         _write(d / "added_tokens.json", json.dumps(added, ensure_ascii=False, indent=2))
         config = {
@@ -256,6 +303,7 @@ class Tokenizer:
                          "single_word": False, "special": True}
                 for t, i in self.special_tokens.items()
             },
+            **({"chat_template": chat_template} if chat_template else {}),
         }
         _write(d / "tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))
 
@@ -280,6 +328,8 @@ class StreamDecoder:
         self._skip = skip_special_tokens
         self._specials = set(tokenizer.special_tokens.values())
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # SentencePiece decoders end with Strip(" ", 1): the fused text loses the space its first "▁" gave it
+        self._strip = next((int(d.get("start", 0)) for d in tokenizer._decoder_steps if d.get("type") == "Strip"), 0)
 
     def add(self, token_id: int) -> str:
         """Feed one id; return the text that is now complete (possibly "")."""
@@ -290,8 +340,14 @@ class StreamDecoder:
             # a special token ends any pending partial character, as it does in decode()
             head = self._utf8.decode(b"", final=True)
             self._utf8.reset()
-            return head if self._skip else head + self._tk.id_to_token(token_id)
-        return self._utf8.decode(self._tk.token_bytes(token_id))
+            return self._lstrip(head if self._skip else head + self._tk.id_to_token(token_id))
+        return self._lstrip(self._utf8.decode(self._tk.token_bytes(token_id)))
+
+    def _lstrip(self, text: str) -> str:
+        if self._strip and text:
+            n = min(self._strip, len(text) - len(text.lstrip(" ")))
+            text, self._strip = text[n:], 0
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character becomes U+FFFD)."""
@@ -357,12 +413,13 @@ def _add_specials(backend, declared: dict[str, int], base: int, d: Path) -> None
         backend.add_special_tokens([special(ENDOFTEXT)])
 
 
-def _resolve_roles(d: Path, config: dict, backend) -> dict[str, str]:
+def _resolve_roles(d: Path, config: dict, backend, aquila: bool = True) -> dict[str, str | None]:
     """bos/eos/unk/pad token strings: special_tokens_map.json > tokenizer_config.json > Aquila defaults.
 
     v1 ModelHub files name them cls_token/sep_token. A BOS/EOS that would resolve to the unk token (what
     FlagAI silently did without special_tokens_map.json, and what HF Aquila2's tokenizer_config.json alone
-    says) is replaced by `[CLS]`/`</s>` with a warning whenever those exist.
+    says) is replaced by `[CLS]`/`</s>` with a warning whenever those exist. For a tokenizer that is not
+    Aquila's (`aquila=False`) the files say it all: a role they do not name is None.
     """
     roles: dict[str, str] = {}
     map_file = d / "special_tokens_map.json"
@@ -379,6 +436,8 @@ def _resolve_roles(d: Path, config: dict, backend) -> dict[str, str]:
             if tok is not None and f"{role}_token" not in source:
                 roles[role] = tok
     missing = [r for r in AQUILA_ROLES if r not in roles]
+    if not aquila:
+        return {r: roles.get(r) for r in AQUILA_ROLES}
     for r in missing:
         roles[r] = AQUILA_ROLES[r]
     if {"bos", "eos"} & set(missing) and not map_file.is_file():
@@ -391,6 +450,16 @@ def _resolve_roles(d: Path, config: dict, backend) -> dict[str, str]:
                           f"(id {backend.token_to_id(aquila)}) as the models expect", stacklevel=3)
             roles[role] = aquila
     return roles
+
+
+def _piece_bytes(tok: str) -> bytes:
+    """Bytes of a SentencePiece-style token (LLaMA-2 tokenizer.json): `<0xHH>` byte fallback, `▁` a space."""
+    if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        try:
+            return bytes([int(tok[3:5], 16)])
+        except ValueError:
+            pass
+    return tok.replace("\u2581", " ").encode("utf-8")
 
 
 def _write(path: Path, text: str) -> None:

@@ -14,6 +14,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="keep resident weights under SIZE (e.g. 2GiB) by streaming layers from disk")
     p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
+    p.add_argument("--check-weights", action="store_true",
+                   help="refuse a checkpoint whose tensors hold NaN or Inf (names them); reads every weight once")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -38,7 +40,8 @@ def load_llm(args):
     from tianying.api import LLM
 
     return LLM.load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                    memory_limit=args.memory_limit, lora=args.lora, template=getattr(args, "template", None))
+                    memory_limit=args.memory_limit, lora=args.lora, template=getattr(args, "template", None),
+                    check_weights=getattr(args, "check_weights", False))
 
 
 def sampling_kwargs(args) -> dict:

@@ -14,9 +14,9 @@ def register(sub) -> None:
                                    "stdin from a pipe: each input line is one user turn and each reply is "
                                    "printed on one line (newlines inside a reply are written as \\n).")
     add_load_args(p)
-    p.add_argument("--template", default=None,
-                   help="conversation template: aquila-chat, aquila, aquila-v1, aquila-legacy, aquila-v2 "
-                        "(default: the one stored with the checkpoint)")
+    p.add_argument("--chat-template", "--template", dest="template", default=None, metavar="NAME|FILE",
+                   help="conversation template: aquila-chat, aquila, aquila-v1, aquila-legacy, aquila-v2, or a "
+                        "Jinja file (default: the checkpoint's own)")
     p.add_argument("--system", default=None, help="a system message replacing the template's system text")
     p.add_argument("--no-history", action="store_true", help="answer each message on its own")
     add_sampling_args(p, max_new_tokens=512)

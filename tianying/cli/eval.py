@@ -32,8 +32,9 @@ def register(sub) -> None:
                    help=f"directory with the task JSONL files (default: ${DATA_ENV})")
     p.add_argument("--sample-data", action="store_true",
                    help="use the few items per task bundled with the tests (source checkout; for smoke tests)")
-    p.add_argument("--chat-template", nargs="?", const="auto", default=None, metavar="NAME",
-                   help="wrap each prompt as a user turn of the chat template (NAME, or the checkpoint's own)")
+    p.add_argument("--chat-template", nargs="?", const="auto", default=None, metavar="NAME|FILE",
+                   help="wrap each prompt as a user turn of a chat template (an Aquila template name, a Jinja "
+                        "file, or without a value the checkpoint's own)")
     p.add_argument("--samples", default=None, metavar="FILE",
                    help="HumanEval: score these completions (JSONL of task_id, completion) instead of generating")
     p.add_argument("--n-samples", type=int, default=1, metavar="N",
@@ -51,6 +52,7 @@ def register(sub) -> None:
                    help="weight dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights on load")
     p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
+    p.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/Inf tensors")
     p.set_defaults(func=run, memory_limit=None, template=None)
 
 
@@ -71,7 +73,10 @@ def run(args) -> int:
         from tianying.cli._common import load_llm
 
         llm = load_llm(args)
-        template = (llm.template if args.chat_template == "auto" else args.chat_template) or None
+        from tianying.templates import checkpoint_template
+
+        template = None if args.chat_template is None else llm.template if args.chat_template == "auto" else \
+            checkpoint_template(llm.path, llm.config, args.chat_template)
         lm = EvalLM.from_llm(llm, chat_template=template, batch_size=args.batch_size)
     elif not (args.samples and set(tasks) <= {"humaneval"}):
         raise EvalError("CKPT is required (only `--tasks humaneval --samples FILE` runs without a model)")

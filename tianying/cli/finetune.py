@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an out_dir that is not empty (its old checkpoints are kept)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="an Aquila template name or a Jinja file (default: the checkpoint's own); "
+                        "overrides `template:`")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
     g = p.add_argument_group("memory levers")
     g.add_argument("--activation-checkpointing", action="store_true",
@@ -42,7 +45,8 @@ def run(args) -> int:
 
     # command-line flags as config overrides (key=value, as after --config); later overrides win
     values = {"method": args.method, "data": args.data, "valid_data": args.valid_data,
-              "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum}
+              "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum,
+              "template": args.chat_template}
     flags = [f"{k}={v if k == 'method' else json.dumps(v)}" for k, v in values.items() if v]
     switches = {"skip_bad=true": args.skip_bad, "activation_checkpointing=true": args.activation_checkpointing,
                 "pack=true": args.pack, "precision=bf16": args.bf16}

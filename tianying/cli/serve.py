@@ -14,7 +14,9 @@ def register(sub) -> None:
                        description="Serve CKPT at http://HOST:PORT: the chat page at /, GET /health, GET /v1/models, "
                                    "POST /v1/chat/completions and /v1/completions (OpenAI's request and response "
                                    "shapes, streaming as server-sent events). Concurrent requests are decoded "
-                                   "together in one batch, up to --max-concurrency at a time; more wait in line.")
+                                   "together in one batch, up to --max-concurrency at a time; more wait in line. "
+                                   "Prompts that start like an earlier one (system prompt, earlier turns) reuse its "
+                                   "cached keys/values.")
     add_load_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
@@ -24,8 +26,15 @@ def register(sub) -> None:
                         "else no key)")
     p.add_argument("--max-concurrency", type=int, default=8, metavar="N",
                    help="requests decoded at once; each holds one KV-cache slot of the context length (default: 8)")
-    p.add_argument("--template", default=None,
-                   help="chat template for /v1/chat/completions (default: the one stored with the checkpoint)")
+    p.add_argument("--prefix-cache", type=int, default=256, metavar="MIB",
+                   help="memory for cached prompt prefixes, reused by later requests that start the same way "
+                        "(default: 256 MiB; 0 turns prefix caching off)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prompt tokens computed per step, between the decode steps of running streams "
+                        "(default: 512); smaller keeps streams smoother while a long prompt comes in")
+    p.add_argument("--chat-template", "--template", dest="template", default=None, metavar="NAME|FILE",
+                   help="chat template for /v1/chat/completions: an Aquila template name or a Jinja file "
+                        "(default: the checkpoint's own)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
                         "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")
@@ -44,6 +53,10 @@ def run(args) -> int:
                             "`pip install 'tianying[serve]'` (or `pip install fastapi uvicorn`)") from None
     if args.max_concurrency < 1:
         raise TianyingError(f"--max-concurrency must be ≥ 1, got {args.max_concurrency}")
+    if args.prefix_cache < 0:
+        raise TianyingError(f"--prefix-cache must be ≥ 0 MiB, got {args.prefix_cache}")
+    if args.prefill_chunk < 1:
+        raise TianyingError(f"--prefill-chunk must be ≥ 1, got {args.prefill_chunk}")
     if not 0 <= args.port <= 65535:
         raise TianyingError(f"--port must be in 0..65535, got {args.port}")
     if args.threads is not None:
@@ -55,7 +68,8 @@ def run(args) -> int:
     from tianying.cli._common import load_llm
 
     llm = load_llm(args)
-    app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency)
+    app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency,
+                     prefix_cache_bytes=args.prefix_cache << 20, prefill_chunk=args.prefill_chunk)
     auth = "API key required" if args.api_key else "no API key"
     print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)

@@ -14,6 +14,8 @@ samples, issue FlagAI-Open/Aquila2#97), and a token carries loss iff its LAST by
 an assistant reply or the separator/stop token that ends it. So in `Assistant: Hi` the token ` Hi`, which begins
 with the prompt's space, is trained, exactly what the model must emit after the inference prompt
 `...Assistant:`. No BOS is added (neither chat nor the Aquila2 SFT script adds one).
+Special-token strings inside the data (`</s>` in a reply about HTML, say) are tokenized as the text they are;
+only the template's own separators become control tokens (`tianying.templates.mark_content`, as in chat).
 
 Truncation keeps at most `seq_length + 1` tokens (the model sees `seq_length` inputs) and never cuts inside a
 UTF-8 character that byte-level BPE split over several tokens.
@@ -167,21 +169,24 @@ def record_messages(rec: object) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------- encoding
-def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, template: str,
+def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, template,
                         max_tokens: int | None = None) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): the rendered conversation and its assistant-only labels.
 
-    `tokenizer` needs `encode(text) -> ids` and `token_bytes(id) -> bytes` (what `Tokenizer` provides).
+    `template` is a name, a Jinja file or a template object. `tokenizer` needs `encode(text) -> ids` and
+    `token_bytes(id) -> bytes`, and `special_tokens` + `encode_plain` (what `Tokenizer` provides) so that
+    special-token strings inside the data are trained as the text they are, not as control tokens.
     """
-    from tianying.templates import render_chat_segments
+    from tianying.templates import encode_marked, mark_content, render_chat_segments, unmark
 
-    segments = render_chat_segments(list(messages), template, add_generation_prompt=False)
+    marked = render_chat_segments(mark_content(list(messages), tokenizer), template, add_generation_prompt=False)
+    segments = [(unmark(s), t) for s, t in marked]
     text = "".join(s for s, _ in segments)
     trained = bytearray()
     for s, t in segments:
         trained.extend((b"\x01" if t else b"\x00") * len(s.encode("utf-8")))
     data = text.encode("utf-8")
-    ids = list(tokenizer.encode(text))
+    ids = encode_marked(tokenizer, "".join(s for s, _ in marked))
     ends, pos = [], 0
     for i in ids:
         pos += len(tokenizer.token_bytes(i))
@@ -199,7 +204,7 @@ def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, template:
     return ids, labels, truncated
 
 
-def load_sft(paths: str | Path | Sequence[str | Path], tokenizer, template: str, seq_length: int,
+def load_sft(paths: str | Path | Sequence[str | Path], tokenizer, template, seq_length: int,
              skip_bad: bool = False, limit: int | None = None) -> tuple[list[SFTExample], SFTStats]:
     """Read, validate, render and tokenize every record; malformed ones raise SFTDataError (or are counted)."""
     from tianying.templates import TemplateError

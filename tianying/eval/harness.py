@@ -218,22 +218,23 @@ class EvalLM:
 
     def generate(self, prompts: list[str], max_new_tokens: int, stop: Sequence[str], temperature: float = 0.0,
                  seed: int | None = None) -> list[str]:
+        from tianying.engine import Engine, Request
+        from tianying.generate import SamplingParams
+
         stop = list(stop) + list(self.stop_strings())
-        if self.llm is not None:
-            out = self.llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
-                                    seed=seed)
-            return [out] if isinstance(out, str) else list(out)
-        import torch
-
-        from tianying.eval.scoring import sample_generate
-
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        texts = []
-        for p in prompts:
-            ids = self.encode(p)[-(self.max_length - 1):]
-            hit = (lambda toks: any(s in self.tokenizer.decode(toks) for s in stop)) if stop else None
-            toks = sample_generate(self.model, ids, max_new_tokens, self.eos_id, temperature, gen, hit)
-            texts.append(self.tokenizer.decode(toks))
+        if getattr(self, "_engine", None) is None:  # the LLM's own engine when there is one (shared prefixes)
+            self._engine = self.llm.engine if self.llm is not None else Engine(self.model, self.tokenizer)
+        max_new_tokens = min(max_new_tokens, self.max_length - 1)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=tuple(stop),
+                                stop_token_ids=() if self.eos_id is None else (self.eos_id,))
+        # long prompts lose their start, as lm-eval truncates: the completion must fit the context
+        reqs = [Request(self.encode(p)[-(self.max_length - max_new_tokens):], params) for p in prompts]
+        out = {r.id: "" for r in reqs}
+        for r, ev in self._engine.run(reqs):
+            if ev.error:
+                raise RuntimeError(f"generation failed: {ev.error}")
+            out[r.id] += ev.text
+        texts = [out[r.id] for r in reqs]
         return texts
 
 
@@ -507,7 +508,8 @@ def evaluate(lm: EvalLM | None, tasks: Iterable[str], data_dir: Path, *, num_few
 
     loaded = [load_task(t) for t in tasks]
     out: dict[str, Any] = {"data_dir": str(data_dir), "limit": limit,
-                           "chat_template": lm.chat_template if lm else None, "tasks": {}, "table": []}
+                           "chat_template": str(lm.chat_template) if lm and lm.chat_template else None,
+                           "tasks": {}, "table": []}
     for task in loaded:
         k = int(task.get("num_fewshot", 0) if num_fewshot is None else num_fewshot)
         if task.output_type in ("code_execution", "loglikelihood_rolling"):

@@ -53,12 +53,11 @@ def score_continuations(model: Transformer, context: Sequence[int], continuation
     """
     if any(len(c) == 0 for c in continuations):
         raise ValueError("empty continuation")
-    dtype, device = _dtype_device(model)
-    cfg = model.config
+    _, device = _dtype_device(model)
     L, C = len(context), len(continuations)
     Tc = max(len(c) for c in continuations)
-    cache = KVCache(cfg, 1, L, dtype, device)
-    first = model(torch.tensor([list(context)], device=device), cache=cache, last_only=True)[0, -1]
+    cache = KVCache.for_model(model, C, L + Tc - 1)  # row 0 takes the context, the others copy it
+    first = model(torch.tensor([list(context)], device=device), cache=cache.view(0, 1), last_only=True)[0, -1]
     first = first.float().log_softmax(-1)
     scores = [float(first[c[0]]) for c in continuations]
     top = int(first.argmax())
@@ -67,17 +66,14 @@ def score_continuations(model: Transformer, context: Sequence[int], continuation
         greedy[:] = flags
     if Tc == 1:
         return scores
-    shared = KVCache(cfg, C, L + Tc - 1, dtype, device)
-    shared.k[:, :, :, :L] = cache.k
-    shared.v[:, :, :, :L] = cache.v
-    shared.pos = L
+    for r in range(1, C):
+        cache.copy_row(0, r)
+    # right-padded continuations: a pad only ever follows the tokens that are scored, so no mask is needed
     ids = torch.zeros((C, Tc - 1), dtype=torch.long)
-    mask = torch.zeros((C, Tc - 1), dtype=torch.bool)
     for i, c in enumerate(continuations):
         ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]))
-        mask[i, : len(c) - 1] = True
-    ids, mask = ids.to(device), mask.to(device)
-    logp = model(ids, cache=shared, pad_mask=mask).float().log_softmax(-1)  # [C, Tc-1, V]
+    ids = ids.to(device)
+    logp = model(ids, cache=cache).float().log_softmax(-1)  # [C, Tc-1, V]
     for i, c in enumerate(continuations):
         if len(c) > 1:
             tgt = torch.tensor(list(c[1:]), device=device)
@@ -153,31 +149,6 @@ def rolling_nll(model: Transformer, ids: Sequence[int], prefix_id: int, window: 
                 tgt = torch.tensor(toks[a:b], device=device)
                 total -= float(logp[r, rows, tgt].sum())
     return total, n - 1
-
-
-@torch.no_grad()
-def sample_generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int | None,
-                    temperature: float = 0.0, generator: torch.Generator | None = None,
-                    should_stop=None) -> list[int]:
-    """A plain KV-cache decode loop, used only when no `LLM.generate` is at hand (raw model + tokenizer)."""
-    dtype, device = _dtype_device(model)
-    max_len = min(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings)
-    cache = KVCache(model.config, 1, max_len, dtype, device)
-    x = torch.tensor([list(prompt_ids)], device=device)
-    out: list[int] = []
-    while cache.pos + x.shape[1] <= max_len and len(out) < max_new_tokens:
-        logits = model(x, cache=cache, last_only=True)[0, -1].float()
-        if temperature > 0:
-            tok = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
-        else:
-            tok = int(logits.argmax())
-        if eos_id is not None and tok == eos_id:
-            break
-        out.append(tok)
-        if should_stop is not None and should_stop(out):
-            break
-        x = torch.tensor([[tok]], device=device)
-    return out
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:

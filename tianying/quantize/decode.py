@@ -10,8 +10,8 @@ one product each: their canonical weights are concatenated once and the modules'
 views of the fused tensor (still the canonical layout, no second copy). The LM head stays an ordinary
 (quantized or float) layer.
 
-`Transformer` calls it through its `fast_decode` hook for a plain decode step (one token per row, no
-padding mask, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
+`Transformer` calls it through its `fast_decode` hook for a decode step (one token per row, each row at its own
+length and rotary position, no LogN, no sliding window, fp32 activations and cache on CPU); anything else, or a model
 whose projections are not all `QuantLinear`s served by the native kernels, without bias (act-order is
 fine: the columns are gathered while the activations are rounded), takes the ordinary path. The result
 equals the ordinary path up to summation order (tests/test_native_decode.py).
@@ -104,6 +104,8 @@ class NativeDecoder:
         cfg = model.config
         if not native.available() or cfg.head_dim > 1024 or cfg.n_head % cfg.n_kv_head:
             return False
+        if cfg.n_head * cfg.head_dim != cfg.hidden_size:  # config.json's own head_dim: not what the kernel assumes
+            return False
         for b in model.model.layers:
             mods = [b.get_submodule(n) for n in PROJECTIONS]
             if not all(map(_eligible, mods)) or not _Proj.fusable(mods[:3]) or not _Proj.fusable(mods[4:6]):
@@ -116,19 +118,24 @@ class NativeDecoder:
         return (all(getattr(p, a) is m and m.qweight is w for p, a, m, w in self.watch)
                 and all(n.weight.data_ptr() == ptr for n, ptr in self.norms))
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor | None:  # noqa: ANN001
-        """x [B, 1, D] fp32 → the hidden state after every layer (writes this position's keys/values into
-        `cache`), or None when this step is not one it handles."""
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or cache.k.dtype != torch.float32
-                or cache.k.device.type != "cpu" or not cache.k.is_contiguous() or cache.k.shape[1] != x.shape[0]):
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor | None:  # noqa: ANN001
+        """x [B, 1, D] fp32 → the hidden state after every layer (writes each row's keys/values into the cache
+        rows of `step`, a `tianying.model.CacheStep`), or None when this step is not one it handles."""
+        cache = step.cache
+        k = cache.k
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or k.dtype != torch.float32 or cache.window
+                or k.device.type != "cpu" or not k.is_contiguous() or step.hi - step.lo != x.shape[0]):
             return None
         M = x.shape[0]
         x = x.reshape(M, self.D).contiguous().clone()
-        cos = cos.reshape(-1, self.HD)[-1].contiguous()
-        sin = sin.reshape(-1, self.HD)[-1].contiguous()
+        cos = cos.reshape(-1, 1, self.HD)[:, -1].expand(M, self.HD).contiguous()
+        sin = sin.reshape(-1, 1, self.HD)[:, -1].expand(M, self.HD).contiguous()
+        pos = torch.tensor(step.lengths, dtype=torch.int64)
+        row = step.lo * k.shape[2] * k.shape[3] * k.shape[4] * k.element_size()  # offset of row lo in each layer
         native._LIB.ty_decode(x.data_ptr(), M, self.D, self.H, self.KVH, self.HD, self.F, self.eps, self.structs,
-                              len(self.projs), cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                              cache.max_len, cache.pos, torch.get_num_threads())
+                              len(self.projs), cos.data_ptr(), sin.data_ptr(), k.data_ptr() + row,
+                              cache.v.data_ptr() + row, k.shape[1], k.shape[3], pos.data_ptr(),
+                              torch.get_num_threads())
         return x.view(M, 1, self.D)
 
 

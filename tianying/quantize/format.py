@@ -1,4 +1,5 @@
-"""GPTQ-format checkpoints (AutoGPTQ / transformers / GPTQModel layout), read and written.
+"""GPTQ-format checkpoints (AutoGPTQ / transformers / GPTQModel layout), read and written; AutoAWQ (GEMM)
+checkpoints read (see `layer_from_awq`). Files are found and read through tianying.weights.
 
 Per quantized linear `{name}` with in_features K, out_features N, `pack = 32 / bits` values per int32:
 
@@ -27,15 +28,6 @@ column order. We keep `perm = argsort(g_idx)` (stable) on the layer and the weig
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import json
-import mmap
-import os
-import shutil
-import struct
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,8 +36,18 @@ from torch import nn
 
 from tianying.config import Config
 from tianying.quantize.linear import QuantizeError, QuantLinear, QuantSpec, quantized_layers, set_submodule
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+from tianying.weights import (  # noqa: F401 - read_quantization_config is re-exported
+    WEIGHT_SUFFIXES,
+    atomic_dir,
+    copy_file,
+    load_config,
+    open_tensors,
+    read_quantization_config,
+    tie_embeddings,
+    weight_files,
+    write_json,
+    write_safetensors,
+)
 
 
 # ---------------------------------------------------------------------------------------------- bit packing
@@ -168,231 +170,67 @@ def _layer_from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, sym
     return QuantLinear.from_int(q, scales, zeros, spec, perm=perm, bias=t.get("bias"), dtype=dtype)
 
 
+# ---------------------------------------------------------------------------------------------- AWQ
+# AutoAWQ's GEMM layout, per linear with in_features K, out_features N, group size g (4 bits only):
+#   qweight int32 [K, N/8], qzeros int32 [K/g, N/8]: packed along the *output* dim, nibble i (bits 4i..4i+3)
+#   of word c holding column 8c + AWQ_ORDER[i];  scales fp16 [K/g, N];  ŵ[n, k] = s[g, n]·(q[k, n] − z[g, n])
+# with zeros stored as they are (no GPTQ-v1 "−1"). The interleaved order suits its CUDA dequantizer.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """AWQ-packed int32 [R, C/8] → uint8 [R, C] in column order."""
+    R = words.shape[0]
+    nibbles = _unpack_words(words.to(torch.int32).contiguous(), 4).view(R, -1, 8)  # [.., c, i] = nibble i
+    out = torch.empty_like(nibbles)
+    out[:, :, list(AWQ_ORDER)] = nibbles  # column 8c + AWQ_ORDER[i] ← nibble i
+    return out.view(R, -1)
+
+
+def layer_from_awq(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype = torch.float32,
+                   name: str = "layer") -> QuantLinear:
+    """A 4-bit asymmetric QuantLinear from AutoAWQ GEMM `qweight/qzeros/scales[/bias]` (exact: same integers,
+    same fp16 scales)."""
+    qweight, qzeros, scales = t["qweight"], t.get("qzeros"), t["scales"]
+    if qzeros is None:
+        raise QuantizeError(f"{name}: AWQ layer without qzeros (zero_point: false) is not supported")
+    K, N = qweight.shape[0], qweight.shape[1] * 8
+    G = scales.shape[0]
+    if scales.shape[1] != N or qzeros.shape != (G, N // 8) or not G or K % G:
+        raise QuantizeError(f"{name}: inconsistent AWQ shapes qweight {tuple(qweight.shape)}, "
+                            f"qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}")
+    g = K // G
+    if group_size not in (-1, g):
+        raise QuantizeError(f"{name}: config says group_size {group_size} but the tensors hold {G} groups of {g}")
+    q = unpack_awq(qweight).t().contiguous()  # [N, K]
+    zeros = unpack_awq(qzeros)  # [G, N]
+    spec = QuantSpec(4, g if G > 1 else -1, sym=False)
+    return QuantLinear.from_int(q, scales, zeros, spec, bias=t.get("bias"), dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------- config
-def read_quantization_config(path: str | Path) -> dict | None:
-    """`quantization_config` from config.json, else AutoGPTQ's quantize_config.json, else None."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        qc = json.loads(cfg_file.read_text(encoding="utf-8")).get("quantization_config")
-        if qc:
-            return dict(qc)
-    alt = path / "quantize_config.json"
-    if alt.is_file():
-        qc = json.loads(alt.read_text(encoding="utf-8"))
-        qc.setdefault("quant_method", "gptq")
-        return qc
-    return None
-
-
 def is_quantized_checkpoint(path: str | Path) -> bool:
     return read_quantization_config(path) is not None
 
 
-def _check_qc(qc: dict) -> tuple[int, int, bool, str]:
+def _check_qc(qc: dict) -> tuple[str, int, int, bool, str]:
+    """(method, bits, group_size, sym, checkpoint_format) of a quantization_config we can load."""
     method = str(qc.get("quant_method", "gptq")).lower()
+    if method == "awq":
+        bits = int(qc.get("bits", qc.get("w_bit", 4)))  # transformers' spelling, then AutoAWQ's quant_config.json
+        version = str(qc.get("version", "gemm")).lower()
+        if bits != 4 or version != "gemm":
+            raise QuantizeError(f"AWQ bits={bits} version={version!r} is not supported (4-bit GEMM only)")
+        if not qc.get("zero_point", True):
+            raise QuantizeError("AWQ zero_point: false is not supported")
+        return method, 4, int(qc.get("group_size", qc.get("q_group_size", 128))), False, "awq"
     if method != "gptq":
-        raise QuantizeError(f"quant_method {method!r} is not supported (GPTQ-format checkpoints only)")
+        raise QuantizeError(f"quant_method {method!r} is not supported (GPTQ and AWQ checkpoints only)")
     bits = int(qc.get("bits", 4))
     if bits not in (4, 8):
         raise QuantizeError(f"GPTQ bits={bits} is not supported; use 8 or 4")
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-    return bits, int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt
-
-
-# ---------------------------------------------------------------------------------------------- files
-def _weight_files(path: Path) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index).is_file():
-            wm = json.loads((path / index).read_text(encoding="utf-8"))["weight_map"]
-            return [path / f for f in sorted(set(wm.values()))]
-    files = sorted(p for p in path.glob("*.safetensors"))
-    if not files:
-        files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    if not files:
-        raise QuantizeError(f"no weight files (*.safetensors, *.bin) in {path}")
-    return files
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_CHUNK_BYTES = 4 << 20  # conversions (dtype, device) go through a buffer of this size
-
-
-class _SafetensorsFile:
-    """Tensors of one safetensors file, read on demand with `os.preadv` into memory of our own.
-
-    Not `safe_open(...).get_tensor`: that hands out views of a mapping of the file, whose pages count in the
-    resident set once touched and stay there while the file is open, so converting the fp32 embeddings of a
-    100k vocabulary to bf16 cost the mapped fp32 pages *and* the bf16 copy. Reads go through the page cache,
-    which is the kernel's to reclaim.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            size = path.stat().st_size
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-            raise QuantizeError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-        self.entries: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
-        try:
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                b, e = info["data_offsets"]
-                self.entries[name] = (8 + n + b, e - b, info["dtype"], tuple(info["shape"]))
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise QuantizeError(f"{path}: not a readable safetensors header ({type(e).__name__}: {e})") from None
-        for name, (b, nbytes, _, _) in self.entries.items():
-            if nbytes < 0 or b + nbytes > size:
-                raise QuantizeError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
-        self._fd: int | None = None
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def nbytes(self, name: str) -> int:
-        return self.entries[name][1]
-
-    def dtype_of(self, name: str) -> torch.dtype | None:
-        return _ST_DTYPES.get(self.entries[name][2])
-
-    def _read(self, offset: int, buf: torch.Tensor) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        mv = memoryview(buf.numpy()).cast("B")
-        done = 0
-        while done < len(mv):
-            k = os.preadv(self._fd, [mv[done:]], offset + done)
-            if k <= 0:
-                raise QuantizeError(f"{self.path}: short read at byte {offset + done}")
-            done += k
-
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh CPU tensor in the file's dtype."""
-        offset, nbytes, dt, shape = self.entries[name]
-        if dt not in _ST_DTYPES:  # a dtype we do not parse ourselves (fp8, unsigned...): let safetensors read it
-            from safetensors import safe_open
-
-            with safe_open(str(self.path), framework="pt") as sf:
-                return sf.get_tensor(name).clone()
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        self._read(offset, buf)
-        return buf.view(_ST_DTYPES[dt]).view(shape)
-
-    def get_as(self, name: str, dtype: torch.dtype, device: torch.device, scratch: list) -> torch.Tensor:
-        """The tensor converted to `dtype` on `device`, without ever holding it whole in the file's dtype:
-        read straight into the result when nothing changes, else through a reused `_CHUNK_BYTES` buffer."""
-        offset, nbytes, dt, shape = self.entries[name]
-        src = _ST_DTYPES.get(dt)
-        if src is None:
-            return self.get(name).to(device=device, dtype=dtype)
-        out = torch.empty(shape, dtype=dtype, device=device)
-        if src == dtype and device.type == "cpu":
-            self._read(offset, out.view(-1).view(torch.uint8))
-            return out
-        if not scratch:
-            scratch.append(torch.empty(_CHUNK_BYTES, dtype=torch.uint8))
-        buf, per = scratch[0], _CHUNK_BYTES // src.itemsize
-        flat, numel = out.view(-1), nbytes // src.itemsize
-        for e0 in range(0, numel, per):
-            e1 = min(numel, e0 + per)
-            chunk = buf[:(e1 - e0) * src.itemsize]
-            self._read(offset + e0 * src.itemsize, chunk)
-            flat[e0:e1].copy_(chunk.view(src))
-        return out
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class _TorchFile:
-    """Tensors of one `.bin`/`.pt` state dict, memory-mapped (`torch.load(mmap=True)`): nothing is read until a
-    tensor is used. Results never alias the mapping, and the mapped pages a tensor was copied from are dropped
-    from the resident set right after the copy (see `_drop_pages`), else they would add up to the whole file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sd: dict | None = None
-        self._mapped = False
-
-    def _load(self) -> dict:
-        if self._sd is None:
-            try:
-                sd, mapped = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # legacy (pre-zip) serialization cannot be mapped: read it whole, still weights-only
-                sd, mapped = torch.load(self.path, map_location="cpu", weights_only=True), False
-            self._sd, self._mapped = sd, mapped
-        return self._sd
-
-    def keys(self) -> list[str]:
-        return list(self._load())
-
-    def nbytes(self, name: str) -> int:
-        t = self._load()[name]
-        return t.numel() * t.element_size()
-
-    def dtype_of(self, name: str) -> torch.dtype | None:
-        return self._load()[name].dtype
-
-    def _done(self, t: torch.Tensor) -> None:
-        if self._mapped:  # never on memory of our own: that would be zeroed
-            _drop_pages(t.data_ptr(), t.numel() * t.element_size())
-
-    def get(self, name: str) -> torch.Tensor:
-        t = self._load()[name]
-        out = t.clone()
-        self._done(t)
-        return out
-
-    def get_as(self, name: str, dtype: torch.dtype, device: torch.device, scratch: list) -> torch.Tensor:
-        t = self._load()[name]
-        if not t.is_contiguous():
-            out = t.to(device=device, dtype=dtype, copy=True)
-            self._done(t)
-            return out
-        out = torch.empty(t.shape, dtype=dtype, device=device)
-        src, dst, per = t.view(-1), out.view(-1), max(1, _CHUNK_BYTES // t.element_size())
-        for e0 in range(0, src.numel(), per):
-            dst[e0:e0 + per].copy_(src[e0:e0 + per])
-            self._done(src[e0:e0 + per])
-        return out
-
-    def close(self) -> None:
-        self._sd = None
-
-
-def _drop_pages(ptr: int, nbytes: int) -> None:
-    """madvise(MADV_DONTNEED) the whole pages inside [ptr, ptr + nbytes) of a read-only file mapping: they leave
-    the resident set, and would be read from the file again if touched. Linux only; elsewhere nothing."""
-    fn = _madvise()
-    page = mmap.PAGESIZE
-    lo, hi = -(-ptr // page) * page, (ptr + nbytes) // page * page
-    if fn is not None and hi > lo:
-        fn(lo, hi - lo, 4)  # MADV_DONTNEED
-
-
-@functools.cache
-def _madvise():  # noqa: ANN202 - a ctypes function or None
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
+    return method, bits, int(qc.get("group_size", -1)), bool(qc.get("sym", True)), fmt
 
 
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
@@ -400,7 +238,7 @@ _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                    ) -> tuple[nn.Module, Config]:
-    """A GPTQ-format checkpoint as a Transformer whose quantized linears are `QuantLinear`s.
+    """A GPTQ- or AWQ-format checkpoint as a Transformer whose quantized linears are `QuantLinear`s.
 
     `dtype` is the activation/non-quantized weight dtype; None → float32 on CPU (what the native int8/int4
     kernels take; the embedding table keeps the file's 16-bit dtype, its rows are upcast after lookup, so
@@ -422,8 +260,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     qc = read_quantization_config(path)
     if qc is None:
         raise QuantizeError(f"{path} is not a quantized checkpoint (no quantization_config in config.json)")
-    bits, group_size, sym, fmt = _check_qc(qc)
-    cfg = Config.from_hf(path)
+    method, bits, group_size, sym, fmt = _check_qc(qc)
+    cfg = load_config(path)
     narrow_embeddings = dtype is None and torch.device(device).type == "cpu"
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
@@ -431,7 +269,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     expected = {n: p for n, p in model.named_parameters()}
 
     # 1. where every tensor is, and what it is for (nothing read yet)
-    files = [_SafetensorsFile(f) if f.suffix == ".safetensors" else _TorchFile(f) for f in _weight_files(path)]
+    files = [open_tensors(f) for f in weight_files(path)]
     where: dict[str, int] = {}
     for i, src in enumerate(files):
         for key in src.keys():
@@ -477,7 +315,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     try:
         for prefix, leaves in jobs:
             t = {leaf: files[where[k]].get(k) for leaf, k in leaves.items()}
-            layer = _layer_from_gptq(t, bits, group_size, sym, fmt, dtype, prefix)
+            if method == "awq":
+                layer = layer_from_awq(t, group_size, dtype, prefix)
+            else:
+                layer = _layer_from_gptq(t, bits, group_size, sym, fmt, dtype, prefix)
             del t
             set_submodule(model, prefix, layer.to(dev))
             del layer
@@ -499,6 +340,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
         scratch.clear()
         for f in files:
             f.close()
+    tie_embeddings(model)
     return model.eval(), cfg
 
 
@@ -535,8 +377,6 @@ def quantization_config(model: nn.Module, method: str = "rtn", damp_percent: flo
 def save_quantized(model: nn.Module, cfg: Config, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                    method: str = "rtn", damp_percent: float = 0.01) -> Path:
     """Write `model` as a GPTQ-format HF directory, atomically (a temp dir renamed into place)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     qc = quantization_config(model, method=method, damp_percent=damp_percent)
     if qc["checkpoint_format"] == "gptq_v2":
@@ -555,20 +395,19 @@ def save_quantized(model: nn.Module, cfg: Config, out_dir: str | Path, tokenizer
     hf = cfg.to_hf()
     if len(dtypes) == 1:
         hf["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    if "lm_head" in layers:  # a quantized head no longer shares the embedding table
+        hf["tie_word_embeddings"] = False
     hf["quantization_config"] = qc
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        aq = {k: v for k, v in qc.items() if k not in ("quant_method", "tianying_method")}
-        (tmp / "quantize_config.json").write_text(json.dumps(aq, indent=2) + "\n", encoding="utf-8")
+    aq = {k: v for k, v in qc.items() if k not in ("quant_method", "tianying_method")}
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / "model.safetensors", list(state.items()))
+        write_json(tmp / "config.json", hf)
+        write_json(tmp / "quantize_config.json", aq)
         if tokenizer_dir is not None:
+            from tianying.templates import checkpoint_template, write_chat_template
+
             copy_side_files(Path(tokenizer_dir), tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_chat_template(tmp, checkpoint_template(tokenizer_dir, cfg))
     return out_dir
 
 
@@ -576,15 +415,5 @@ def copy_side_files(src: Path, dst: Path) -> None:
     """Copy tokenizer/generation files (everything but weights and the model/quantize configs)."""
     for f in src.iterdir():
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in (
-                "config.json", "quantize_config.json") and not f.name.endswith(".index.json"):
-            shutil.copy2(f, dst / f.name)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+                "config.json", "quantize_config.json", "quant_config.json") and not f.name.endswith(".index.json"):
+            copy_file(f, dst / f.name)

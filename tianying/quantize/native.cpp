@@ -434,35 +434,38 @@ void silu_mul(const float* g, const float* u, long ld, float* out, long M, long 
         }
 }
 
-// Rotary embedding (rotate-half layout) of q [M, H, HD] and k [M, KVH, HD] in place with cos and signed sin
-// [HD] (first half negated), and k, v written to the layer's cache [M, KVH, L, HD] at `pos`.
+// Rotary embedding (rotate-half layout) of q [M, H, HD] and k [M, KVH, HD] in place with each row's cos and
+// signed sin [M, HD] (first half negated), and k, v written to row m's cache [KVH, L, HD] at pos[m].
 void rope_and_store(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
-                    const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L, long pos) {
+                    const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L,
+                    const long* pos) {
     const long half = HD / 2;
     for (long m = 0; m < M; m++) {
+        const float* cm = cos + m * HD;
+        const float* sm = sin + m * HD;
         for (long h = 0; h < H + KVH; h++) {
             float* t = h < H ? q + m * ldq + h * HD : k + m * ldk + (h - H) * HD;
             float tmp[1024];
             for (long d = 0; d < HD; d++) tmp[d] = t[d];
-            for (long d = 0; d < HD; d++) t[d] = tmp[d] * cos[d] + tmp[(d + half) % HD] * sin[d];
+            for (long d = 0; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[(d + half) % HD] * sm[d];
         }
         for (long h = 0; h < KVH; h++) {
-            std::memcpy(kc + ((m * KVH + h) * L + pos) * HD, k + m * ldk + h * HD, HD * sizeof(float));
-            std::memcpy(vc + ((m * KVH + h) * L + pos) * HD, v + m * ldv + h * HD, HD * sizeof(float));
+            std::memcpy(kc + ((m * KVH + h) * L + pos[m]) * HD, k + m * ldk + h * HD, HD * sizeof(float));
+            std::memcpy(vc + ((m * KVH + h) * L + pos[m]) * HD, v + m * ldv + h * HD, HD * sizeof(float));
         }
     }
 }
 
-// Each query head attends to cache positions 0..pos of its KV head (GQA: consecutive query heads share one);
-// out [M, H·HD]. Worksharing over (row, head) inside a parallel region.
+// Each query head of row m attends to cache positions 0..pos[m] of its KV head (GQA: consecutive query heads
+// share one); out [M, H·HD]. Worksharing over (row, head) inside a parallel region.
 void attend_region(const float* q, long ldq, const float* kc, const float* vc, long M, long H, long KVH, long HD,
-                   long L, long pos, float* out) {
-    const long rep = H / KVH, S = pos + 1;
+                   long L, const long* pos, float* out) {
+    const long rep = H / KVH;
     const float scale = 1.f / std::sqrt((float)HD);
-    std::vector<float> p(S);
+    std::vector<float> p(L);
 #pragma omp for schedule(static)
     for (long mh = 0; mh < M * H; mh++) {
-        const long m = mh / H, h = mh % H, g = h / rep;
+        const long m = mh / H, h = mh % H, g = h / rep, S = pos[m] + 1;
         const float* qh = q + m * ldq + h * HD;
         const float* kh = kc + (m * KVH + g) * L * HD;
         const float* vh = vc + (m * KVH + g) * L * HD;
@@ -500,14 +503,16 @@ extern "C" {
 
 // The whole decode step of n_layer blocks for x [M, D] (updated in place), in one parallel region: one thread
 // does the small serial parts (norms, RoPE, cache writes, SwiGLU, residuals, activation rounding), all share
-// the projections and the attention. kcache/vcache: [n_layer, M, KVH, L, HD].
+// the projections and the attention. kcache/vcache point at row 0 of the step's rows in a cache
+// [n_layer, R, KVH, L, HD] (R ≥ M rows); row m writes and attends at its own length pos[m], with its own
+// rotary cos/sin [M, HD].
 void ty_decode(float* x, long M, long D, long H, long KVH, long HD, long F, float eps, const Layer* layers,
-               long n_layer, const float* cos, const float* sin, float* kcache, float* vcache, long L, long pos,
-               int nt) {
+               long n_layer, const float* cos, const float* sin, float* kcache, float* vcache, long R, long L,
+               const long* pos, int nt) {
     const long wq = layers[0].qkv.N8, wgu = layers[0].gu.N8, wd = layers[0].o.N8;
     std::vector<float> h(M * D), qkv(M * wq), att(M * H * HD), o(M * wd), gu(M * wgu), a(M * F), dn(M * wd);
     Act act;
-    const long layer_stride = M * KVH * L * HD;
+    const long layer_stride = R * KVH * L * HD;
 #pragma omp parallel num_threads(nt)
     for (long l = 0; l < n_layer; l++) {
         const Layer& ly = layers[l];

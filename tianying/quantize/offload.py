@@ -21,9 +21,7 @@ Outputs equal the unlimited model's bit for bit: same modules, same weights, sam
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 import tempfile
 import threading
@@ -37,20 +35,23 @@ from torch import nn
 
 from tianying.config import Config
 from tianying.quantize.linear import QuantizeError, QuantLinear
+from tianying.weights import (
+    ST_DTYPES,
+    load_config,
+    parse_dtype,
+    parse_size,
+    read_exact,
+    safetensors_header,
+    tie_embeddings,
+    weight_files,
+)
 
 RESERVE = 0.08  # share of the limit kept for activations, the KV cache and the allocator's slack
 ASSUMED_READ_GBPS = 2.0  # streaming rate from a warm page cache / NVMe, for the slowdown estimate
 ASSUMED_MEM_GBPS = 20.0  # resident weight read rate of a decode step, for the slowdown estimate
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def parse_memory(limit: int | str) -> int:
-    """Bytes from an int or "2GiB" / "500MB" (binary with i, decimal without, as in checkpoint.parse_size)."""
-    from tianying.checkpoint import parse_size
-
+    """Bytes from an int or "2GiB" / "500MB" (binary with i, decimal without, as in weights.parse_size)."""
     return parse_size(limit)
 
 
@@ -74,29 +75,19 @@ class Loc:
 
 
 def safetensors_index(files: list[Path]) -> dict[str, Loc]:
-    """Tensor locations from safetensors headers: 8-byte little-endian length, JSON, then the data."""
+    """Tensor locations from the safetensors headers of `files`."""
     out: dict[str, Loc] = {}
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            b, e = info["data_offsets"]
-            out[name] = Loc(f, 8 + n + b, e - b, _ST_DTYPES[info["dtype"]], tuple(info["shape"]))
+        for name, (offset, nbytes, code, shape) in safetensors_header(f).items():
+            if code not in ST_DTYPES:
+                raise QuantizeError(f"{f}: tensor {name!r} has dtype {code}, which memory_limit cannot stream")
+            out[name] = Loc(f, offset, nbytes, ST_DTYPES[code], shape)
     return out
 
 
 def read_into(fd: int, loc: Loc, buf: torch.Tensor) -> None:
     """Fill uint8 tensor `buf` [loc.nbytes] from the file (the GIL is released while the kernel copies)."""
-    mv = memoryview(buf.numpy()).cast("B")
-    done = 0
-    while done < loc.nbytes:
-        n = os.preadv(fd, [mv[done:]], loc.offset + done)
-        if n <= 0:
-            raise QuantizeError(f"{loc.file}: short read at byte {loc.offset + done}")
-        done += n
+    read_exact(fd, loc.offset, buf[:loc.nbytes], loc.file)
 
 
 def read_tensor(fd: int, loc: Loc) -> torch.Tensor:
@@ -245,7 +236,6 @@ def load_with_memory_limit(path: str | Path, memory_limit: int | str, device: st
         dtype: activation/weight dtype (None → float32, as `load_model` on CPU).
         quantize: "int8" / "int4" / ... to quantize the linears of every layer on load (then S shrinks).
     """
-    from tianying.checkpoint import load_config, parse_dtype, weight_files
     from tianying.model import build_model
     from tianying.quantize import apply_quantization
 
@@ -256,8 +246,8 @@ def load_with_memory_limit(path: str | Path, memory_limit: int | str, device: st
     from tianying.quantize.format import is_quantized_checkpoint
 
     if is_quantized_checkpoint(path):
-        raise QuantizeError(f"{path} is a GPTQ checkpoint; memory_limit streams float checkpoints only (for now): "
-                            "pass the float checkpoint with quantize='int8'/'int4' instead")
+        raise QuantizeError(f"{path} is a quantized (GPTQ/AWQ) checkpoint; memory_limit streams float checkpoints "
+                            "only (for now): pass the float checkpoint with quantize='int8'/'int4' instead")
     cfg = load_config(path)
     files = weight_files(path)
     if any(f.suffix != ".safetensors" for f in files):
@@ -314,6 +304,7 @@ def load_with_memory_limit(path: str | Path, memory_limit: int | str, device: st
     for n in other:  # resident, in their own memory (read, not mapped)
         loc = index[n]
         _assign(model, {n: read_tensor(fd(loc.file), loc).to(want)})
+    tie_embeddings(model)
     cache = None
     streamer = None
     if plan.streamed:  # slot buffers shaped like layer 0 in its final form

@@ -185,11 +185,10 @@ def _return_freed_memory(threshold: int) -> bool:
 
 
 # ============================================================================================= recipe
-def _template(cfg: FinetuneConfig, mcfg: Config, path: Path) -> str:
-    from tianying.templates import get_template, template_for_model
+def _template(cfg: FinetuneConfig, mcfg: Config, path: Path):  # noqa: ANN202
+    from tianying.templates import checkpoint_template
 
-    name = cfg.template or mcfg.chat_template or template_for_model(mcfg.name if mcfg.name != "custom" else path.name)
-    return get_template(name).name
+    return checkpoint_template(path, mcfg, cfg.template)  # `template:` (a name or a Jinja file) wins
 
 
 def _data_list(data: Any) -> list[str]:
@@ -296,19 +295,25 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
         D.teardown()
 
 
-def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, template: str):  # noqa: ANN202
+def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, template):  # noqa: ANN001, ANN202
     """(model, config, trainable names or None, save callback, load callback) for the method."""
     from tianying import checkpoint as ckpt
     from tianying.model import set_config
+    from tianying.templates import ChatTemplate, write_chat_template
 
     if cfg.method == "full":
         model, mcfg = ckpt.load_model(path, device=device, dtype=torch.float32)
         mcfg = with_context_settings(mcfg, cfg.model_args)
+        # the checkpoint keeps the template it was trained with: a name in config.json, a Jinja one as itself
+        mcfg.chat_template = template.name if isinstance(template, ChatTemplate) else None
         set_config(model, mcfg)
         model.train()
-        return (model, mcfg, None,
-                lambda sd, d: ckpt.save_hf(sd, mcfg, d, tokenizer_dir=path),
-                lambda d: ckpt.load_state_dict(d, dtype=torch.float32, cfg=mcfg))
+
+        def save_full(sd: dict, d: Path) -> None:
+            ckpt.save_hf(sd, mcfg, d, tokenizer_dir=path)
+            write_chat_template(d, template)
+
+        return (model, mcfg, None, save_full, lambda d: ckpt.load_state_dict(d, dtype=torch.float32, cfg=mcfg))
 
     from tianying.lora import add_lora, read_adapter, save_adapter
 
@@ -316,7 +321,7 @@ def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, templa
     model, mcfg = ckpt.load_model(path, device=device, dtype=base_dtype)
     mcfg = with_context_settings(mcfg, cfg.model_args)
     set_config(model, mcfg)
-    meta = {"method": cfg.method, "template": template, "base_checkpoint": str(path)}
+    meta = {"method": cfg.method, "template": str(template), "base_checkpoint": str(path)}
     if cfg.model_args:  # the adapter alone cannot carry them: merge-lora / loading must re-apply these
         meta["model_args"] = cfg.model_args
     if cfg.method == "qlora":
@@ -336,6 +341,7 @@ def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, templa
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # what peft users expect nearby
             if (path / name).is_file() and not (Path(d) / name).exists():
                 Path(d, name).write_bytes((path / name).read_bytes())
+        write_chat_template(d, template)  # the template the adapter was trained with
 
     def load(d: Path) -> dict:
         _, weights, _ = read_adapter(d)

@@ -36,6 +36,7 @@ import torch
 from tianying.checkpoint import CheckpointError, _fsync_dir
 from tianying.errors import TianyingError
 from tianying.train.distributed import DistInfo, barrier
+from tianying.weights import replace_dir
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -212,7 +213,7 @@ def save_checkpoint(out_dir: str | Path, step: int, info: DistInfo, *,
                        tmp / STATE_FILE)
             (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "step": step}) + "\n", encoding="utf-8")
             _fsync_tree(tmp)
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)  # the old copy of a re-run step stays until the new one is in place
             _fsync_dir(root)
     except (OSError, RuntimeError) as e:
         failure = save_failure(root, f"checkpoint step {step}", e)
@@ -245,7 +246,7 @@ def save_final(final: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _fsync_tree(tmp)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except (OSError, RuntimeError) as e:
         failure = save_failure(final.parent, "the final model", e)
     finally:
@@ -253,18 +254,6 @@ def save_final(final: str | Path, write: Callable[[Path], None]) -> Path:
     if failure is not None:
         raise CheckpointSaveError(failure)
     return final
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` (a re-run over the same step) goes only once `tmp` is in place."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old.tmp"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _mount_point(path: Path) -> Path:
