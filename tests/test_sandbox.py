@@ -205,6 +205,24 @@ def test_a_setsid_daemon_does_not_outlive_the_run(backend):
     assert _processes_with("313.37") == [] and _processes_with(r.run_id) == []
 
 
+def test_a_killed_evaluator_takes_the_sandbox_with_it(backend, tmp_path):
+    script = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+              "from tianying.eval.sandbox import Limits, run_python\n"
+              "run_python(\"import os\\nos.execv('/bin/sleep', ['sleep', '271.828'])\\n\", Limits(timeout_s=600),"
+              f" backend={backend!r}, hook=False)\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while not _processes_with("271.828") and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_with("271.828"), "the sandboxed program never started"
+    evaluator.kill()
+    evaluator.wait()
+    deadline = time.time() + 10
+    while _processes_with("271.828") and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_with("271.828") == []
+
+
 @pytest.mark.parametrize("code", [
     "import os\nos.system('touch {marker}')\n",
     "import subprocess\nsubprocess.run(['touch', '{marker}'], check=True)\n",

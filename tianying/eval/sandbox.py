@@ -432,7 +432,11 @@ def _bwrap_cmd(root: bool, expose: Sequence[str] = (), tmp_mb: int = 64) -> list
 def _unshare_cmd(root: bool) -> list[str]:
     cmd = ["unshare", "--pid", "--net", "--mount", "--ipc", "--uts", "--fork", "--kill-child=SIGKILL",
            "--mount-proc"]
-    return cmd if root else cmd[:1] + ["--user", "--map-root-user"] + cmd[1:]
+    if not root:
+        cmd[1:1] = ["--user", "--map-root-user"]
+    # unshare has no --die-with-parent: setpriv gives it a parent-death signal, so an evaluator that is killed
+    # takes unshare and (--kill-child) the whole namespace with it
+    return (["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []) + cmd
 
 
 def _command(backend: str, expose: Sequence[str] = (), tmp_mb: int = 64) -> list[str]:
