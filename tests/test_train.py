@@ -420,3 +420,23 @@ def test_data_smaller_than_one_batch_is_refused_before_training(corpus, tmp_path
         run_pretrain(cfg_for(corpus, tmp_path / "small", batch_size=4096, max_steps=None, epochs=1, progress=True))
     assert not (tmp_path / "small").exists()  # nothing written, no progress bar started
     assert "train:" not in capsys.readouterr().err
+
+
+def test_a_failing_final_save_keeps_the_old_final(tmp_path):
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"old weights")
+
+    def write(d: Path) -> None:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(S.CheckpointSaveError, match=r"^could not save the final model in .*run: no space left") as e:
+        S.save_final(final, write)
+    assert "\n" not in str(e.value)
+    assert (final / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temp dir left
+    S.save_final(final, lambda d: (d.mkdir(), (d / "model.safetensors").write_bytes(b"new")))
+    assert (final / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
