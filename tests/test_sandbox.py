@@ -20,15 +20,18 @@ from tianying.eval.sandbox import BACKENDS, Limits, SandboxUnavailable, run_pyth
 
 FAST = Limits(timeout_s=5, cpu_s=3, memory_mb=512)
 HERE = [b for b in BACKENDS if sandbox.probe(b) is None]
-if not HERE:
-    pytest.skip(f"no isolation on this machine ({'; '.join(sandbox.probe(b) for b in BACKENDS)}); "
-                "`make test` installs bubblewrap", allow_module_level=True)
 ROOT = os.geteuid() == 0
+# without bwrap or unshare only the fail-closed tests run; `make test` installs bubblewrap
+NONE_HERE = pytest.param(None, marks=pytest.mark.skip(
+    reason=f"no isolation on this machine ({'; '.join(filter(None, map(sandbox.probe, BACKENDS)))})"))
 
 
-@pytest.fixture(params=HERE)
+@pytest.fixture(params=HERE or [NONE_HERE])
 def backend(request):
     return request.param
+
+
+needs_isolation = pytest.mark.skipif(not HERE, reason="no isolation on this machine")
 
 
 def run(code, backend, limits=FAST, **kw):
@@ -366,6 +369,7 @@ def test_tianying_eval_refuses_humaneval_without_isolation_unless_unsafe_exec(mo
     assert res["tasks"]["humaneval"]["info"]["sandbox"]["backend"] == "none"
 
 
+@needs_isolation
 def test_humaneval_scores_cheating_completions_as_failures(tmp_path):
     import json
 
