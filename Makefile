@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SAMPLE ?= --max-new-tokens 40 --temperature 0.8 --top-p 0.9 --repetition-penalty 1.3 --seed 1
 
-.PHONY: install demo test browser lint bench clean
+.PHONY: install demo test browser sandbox lint bench clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ demo: install
 BACKEND_TESTS := tests/test_quantize.py tests/test_quantize_load.py tests/test_offload.py
 QUANT_TESTS   := $(BACKEND_TESTS) tests/test_native_kernels.py tests/test_native_decode.py
 
-test: install browser
+test: install browser sandbox
 	$(BIN)/python -m pytest
 	@echo "== quantization tests per backend and per CPU level (CPU capability here: $$($(BIN)/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'))"
 	TIANYING_QUANT_BACKEND=aten $(BIN)/python -m pytest $(BACKEND_TESTS)
@@ -48,6 +48,16 @@ browser:
 	    echo "note: installing Debian's chromium and chromium-driver system-wide with apt-get for the browser test (NO_BROWSER_INSTALL=1 skips this)" && \
 	    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "note: chromium not installed; the browser test will be skipped"; }
+
+# Debian's bubblewrap isolates the generated code HumanEval runs (tianying/eval/sandbox.py; util-linux
+# `unshare` is the fallback). Installed like chromium above: as root with apt-get, announced, refusable with
+# NO_SANDBOX_INSTALL=1. Without either tool the sandbox tests are skipped and `tianying eval` refuses HumanEval.
+sandbox:
+	@command -v bwrap >/dev/null || \
+	  { [ -z "$(NO_SANDBOX_INSTALL)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    echo "note: installing Debian's bubblewrap system-wide with apt-get for the code sandbox (NO_SANDBOX_INSTALL=1 skips this)" && \
+	    (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || \
+	    echo "note: bubblewrap not installed; the sandbox falls back to unshare, or its tests are skipped"; }
 
 lint: install
 	$(BIN)/ruff check tianying tests benchmarks

@@ -230,3 +230,37 @@ def test_measured_peak_memory_orders_full_lora_qlora(tmp_path):
         peaks[method] = json.loads(p.stdout.strip().splitlines()[-1])["peak"] / 2**20
     assert peaks["lora"] < peaks["full"] - 50, peaks  # measured: 387 vs 296 MiB
     assert peaks["qlora"] < peaks["lora"] - 15, peaks  # measured: 296 vs 258 MiB
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_data_smaller_than_one_batch_is_one_line_before_training(base, sft_file, tmp_path, capsys, pack):
+    from tianying.cli import main
+
+    args = ["finetune", "--data", str(sft_file), "--checkpoint", str(base), "--out-dir", str(tmp_path / "r"),
+            "seq_length=32", "batch_size=32", "max_steps=2", "tensorboard=false", "plot=false"]
+    assert main(args + (["--pack"] if pack else [])) == 2
+    err = capsys.readouterr().err.strip()
+    what = r"\d+ packed rows" if pack else "24 conversations"
+    assert len(err.splitlines()) == 1, err  # no progress bar, no traceback
+    import re
+
+    assert re.search(f"the training data has {what}, fewer than one global batch of 32 \\(batch_size 32", err), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_refuses_a_used_out_dir_unless_resume_or_overwrite(base, sft_file, tmp_path, capsys):
+    from tianying.cli import main
+
+    out = tmp_path / "ft"
+    args = ["finetune", "--data", str(sft_file), "--checkpoint", str(base), "--out-dir", str(out),
+            "seq_length=32", "batch_size=4", "max_steps=2", "save_interval=1", "progress=false",
+            "tensorboard=false", "plot=false"]
+    assert main(args) == 0
+    capsys.readouterr()
+    first = (out / "final" / "adapter_model.safetensors").read_bytes()
+    assert main(args + ["lr=1e-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and "--resume" in err
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == first
+    assert main(args + ["lr=1e-2", "--overwrite"]) == 0
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() != first

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,188 @@ def test_keep_last_k(corpus, tmp_path):
     run_pretrain(cfg_for(corpus, tmp_path / "k", max_steps=6, save_interval=1, keep_last_k=2, eval_interval=100,
                          seq_length=16, batch_size=2))
     assert [s for s, _ in S.list_checkpoints(tmp_path / "k")] == [5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ never lose work
+def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+def test_a_fresh_run_into_a_used_out_dir_is_refused_and_nothing_is_touched(corpus, tmp_path, capsys):
+    out = tmp_path / "used"
+    run_pretrain(cfg_for(corpus, out, max_steps=4, save_interval=2, eval_interval=100))
+    before = _snapshot(out)
+    with pytest.raises(S.OutDirInUse, match=r"not empty \(checkpoints, final, .*--resume.*--overwrite"):
+        run_pretrain(cfg_for(corpus, out, max_steps=6, save_interval=3, eval_interval=100))
+    assert _snapshot(out) == before
+    from tianying.cli import main
+
+    ov = [f"{k}={v}" for k, v in dict(model="test-mha", tokenizer=TOK, data=corpus, seq_length=32, max_steps=2,
+                                       out_dir=out, progress="false", tensorboard="false", plot="false").items()]
+    assert main(["pretrain", *ov, "model_args={vocab_size: 3008, n_layer: 1}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and "--overwrite" in err
+    assert _snapshot(out) == before
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    run_pretrain(cfg_for(corpus, tmp_path / "empty", max_steps=1, eval_interval=100, save_interval=100))
+
+
+def test_overwrite_keeps_the_old_run_and_retention_and_resume_follow_the_new_one(corpus, tmp_path):
+    """The issue's case: old checkpoints with higher step numbers must not evict the new run's, nor be resumed."""
+    out, ref = tmp_path / "o", tmp_path / "ref"
+    run_pretrain(cfg_for(corpus, out, max_steps=8, save_interval=4, keep_last_k=3, eval_interval=100))
+    old_id = S.current_run_id(out)
+    old8 = weights(out / "checkpoints" / "step-00000008")
+    new = dict(max_steps=6, save_interval=2, keep_last_k=2, eval_interval=100, lr=5e-3, seed=11)
+    run_pretrain(cfg_for(corpus, out, **new), overwrite=True)
+    new_id = S.current_run_id(out)
+    assert new_id != old_id
+    runs = {s: S.checkpoint_run_id(p) for s, p in S.list_checkpoints(out)}
+    assert runs == {4: new_id, 6: new_id, 8: old_id}  # 2 went by retention (the new run's); old 8 untouched
+    assert all(torch.equal(a, b) for a, b in zip(old8.values(), weights(out / "checkpoints/step-00000008").values()))
+    run_pretrain(cfg_for(corpus, ref, **new))
+    # crash after step 4 of the new run: resume must continue it, not the old run's step 8
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    shutil.rmtree(out / "final")
+    res = run_pretrain(cfg_for(corpus, out, **new), resume=True)
+    assert res.step == 6 and S.current_run_id(out) == new_id
+    wa, wb = weights(out / "final"), weights(ref / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert 8 in [s for s, _ in S.list_checkpoints(out)]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")])
+def test_a_failing_save_is_one_line_and_the_last_checkpoint_survives(corpus, tmp_path, monkeypatch, capsys, error):
+    out = tmp_path / "full"
+    real_save = torch.save
+
+    def flaky(obj, f, *a, **k):
+        if "step-00000004" in str(f):
+            Path(f).write_bytes(b"partial")
+            raise error
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", flaky)
+    from tianying.cli import main
+
+    ov = [f"{k}={v}" for k, v in dict(model="test-mha", tokenizer=TOK, data=corpus, seq_length=32, max_steps=6,
+                                       save_interval=2, eval_interval=100, out_dir=out, progress="false",
+                                       tensorboard="false", plot="false").items()]
+    assert main(["pretrain", *ov, "model_args={vocab_size: 3008, n_layer: 1}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "could not save checkpoint step 4 in" in err and "MiB free of" in err and "step-00000002" in err
+    if isinstance(error, OSError):
+        assert "no space left on the disk" in err
+    assert "internal error" not in err
+    assert [s for s, _ in S.list_checkpoints(out)] == [2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]  # no temp dir left
+    from tianying.checkpoint import load_model
+
+    load_model(out / "checkpoints" / "step-00000002")
+    S.load_trainer_state(out / "checkpoints" / "step-00000002", __import__("tianying.train.distributed").train
+                         .distributed.DistInfo())
+    monkeypatch.setattr(torch, "save", real_save)
+    res = run_pretrain(cfg_for(corpus, out, max_steps=6, save_interval=2, eval_interval=100), resume=True)
+    assert res.step == 6
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
+    probe = tmp_path / "probe"
+    kw = dict(max_steps=4, save_interval=2, keep_last_k=1, eval_interval=100)
+    run_pretrain(cfg_for(corpus, probe, **kw))
+    size = sum(p.stat().st_size for p in (probe / "checkpoints" / "step-00000004").rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # room for the logs and one checkpoint, not for the second one that must land before the first goes
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096}", "tmpfs",
+                              str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(S.CheckpointSaveError, match=r"could not save checkpoint step 4 in .*disk") as e:
+            run_pretrain(cfg_for(corpus, disk / "run", **kw))
+        assert "\n" not in str(e.value) and "step-00000002, is intact" in str(e.value)
+        assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["step-00000002"]
+        from tianying.checkpoint import load_model
+
+        load_model(disk / "run" / "checkpoints" / "step-00000002")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_finishes_the_step_saves_and_resumes(corpus, tmp_path, sig):
+    out = tmp_path / "sig"
+    ov = [f"{k}={v}" for k, v in dict(model="test-mha", tokenizer=TOK, data=corpus, seq_length=32, batch_size=4,
+                                       max_steps=100000, save_interval=100000, eval_interval=100000,
+                                       log_interval=1, out_dir=out, progress="false", tensorboard="false",
+                                       plot="false", seed=3).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "tianying", "pretrain", *ov,
+                             "model_args={vocab_size: 3008, n_layer: 1}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.csv").is_file() and len((out / "metrics.csv").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"{sig.name}: finishing this step" in err and "Traceback" not in err
+    ckpts = S.list_checkpoints(out)
+    assert len(ckpts) == 1
+    step = ckpts[0][0]
+    assert step >= 3 and f"stopped by {sig.name} after step {step} of 100000" in err
+    assert not (out / "final").exists()
+    with pytest.warns(UserWarning, match="planned for 100000 steps"):
+        res = run_pretrain(cfg_for(corpus, out, max_steps=step + 2, save_interval=100000, eval_interval=100000),
+                           resume=True)
+    assert res.step == step + 2 and (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_second_signal_stops_at_once():
+    from tianying.train.loop import _StopOnSignal
+
+    with _StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first only asks the loop to stop after this step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_data_smaller_than_one_batch_is_refused_before_training(corpus, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"fewer than one global batch of 4096 \(batch_size 4096"):
+        # (with max_steps the packed samples repeat as epochs until they fill the steps; with epochs they cannot)
+        run_pretrain(cfg_for(corpus, tmp_path / "small", batch_size=4096, max_steps=None, epochs=1, progress=True))
+    assert not (tmp_path / "small").exists()  # nothing written, no progress bar started
+    assert "train:" not in capsys.readouterr().err
+
+
+def test_a_failing_final_save_keeps_the_old_final(tmp_path):
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"old weights")
+
+    def write(d: Path) -> None:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half of the new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(S.CheckpointSaveError, match=r"^could not save the final model in .*run: no space left") as e:
+        S.save_final(final, write)
+    assert "\n" not in str(e.value)
+    assert (final / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temp dir left
+    S.save_final(final, lambda d: (d.mkdir(), (d / "model.safetensors").write_bytes(b"new")))
+    assert (final / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="HumanEval sampling temperature when N > 1")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="generation budget for GSM8K / HumanEval (default: the task file's)")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="HumanEval: run generated code even where no isolation (bubblewrap, unshare) works — "
+                        "only rlimits and an audit hook then stand between it and your files")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default: 1234, as the seed's scripts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -79,7 +82,8 @@ def run(args) -> int:
         raise EvalError("CKPT is required (only `--tasks humaneval --samples FILE` runs without a model)")
     res = evaluate(lm, tasks, data_dir, num_fewshot=args.num_fewshot, limit=args.limit, samples_file=args.samples,
                    n_samples=args.n_samples, temperature=args.temperature, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                   max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                   unsafe_exec=args.unsafe_exec)
     res = {"checkpoint": args.checkpoint, "config": lm.model.config.name if lm else None,
            "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size, "seed": args.seed,
            "num_fewshot": args.num_fewshot, **res}

@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML config (see configs/finetune-*.yaml)")
     p.add_argument("--out-dir", default=None, metavar="DIR", help="overrides `out_dir:`")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an out_dir that is not empty (its old checkpoints are kept)")
     p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
                    help="an Aquila template name or a Jinja file (default: the checkpoint's own); "
                         "overrides `template:`")
@@ -36,9 +38,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
     import os
+    import sys
 
     from tianying.recipes.finetune import FinetuneConfig, run_finetune, write_summary
-    from tianying.train.loop import load_config
+    from tianying.train.loop import TrainingInterrupted, load_config
 
     # command-line flags as config overrides (key=value, as after --config); later overrides win
     values = {"method": args.method, "data": args.data, "valid_data": args.valid_data,
@@ -49,7 +52,11 @@ def run(args) -> int:
                 "pack=true": args.pack, "precision=bf16": args.bf16}
     flags += [flag for flag, on in switches.items() if on]
     cfg = load_config(FinetuneConfig, args.config, flags + list(args.overrides))
-    res = run_finetune(cfg, resume=args.resume)
+    try:
+        res = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"tianying finetune: {e}", file=sys.stderr)
+        return 130
     write_summary(res, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         msg = f"trained to step {res.train.step}"

@@ -14,16 +14,24 @@ def register(sub) -> None:
     p.add_argument("--config", required=False, default=None, metavar="FILE", help="YAML config")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in out_dir (bit-exact)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an out_dir that is not empty (its old checkpoints are kept)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lr=1e-4")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import sys
+
     from tianying.recipes.pretrain import PretrainConfig, run_pretrain
-    from tianying.train.loop import load_config
+    from tianying.train.loop import TrainingInterrupted, load_config
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    res = run_pretrain(cfg, resume=args.resume)
+    try:
+        res = run_pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"tianying pretrain: {e}", file=sys.stderr)
+        return 130
     if res.out_dir is not None:
         import os
 

@@ -369,9 +369,12 @@ def _extract_code(completion: str, chat: bool) -> str:
 def run_code_execution(task: Task, lm: EvalLM | None, data_dir: Path, limit: int | None,
                        progress: Progress | None = None, samples_file: str | None = None, n: int = 1,
                        temperature: float = 0.8, seed: int = 1234, workers: int | None = None,
-                       max_new_tokens: int | None = None) -> TaskResult:
+                       max_new_tokens: int | None = None, unsafe_exec: bool = False) -> TaskResult:
     from tianying.eval.metrics import cut_at_stops, mean_stderr, pass_at_k
-    from tianying.eval.sandbox import Limits, run_python
+    from tianying.eval.sandbox import Limits, choose_backend, run_python
+
+    if not unsafe_exec:
+        choose_backend()  # fail closed before spending time on generation
 
     problems = load_jsonl(_find(data_dir, task.data_files[task.get("test_split", "test")], task.name))
     by_id = {p["task_id"]: p for p in problems}
@@ -413,17 +416,18 @@ def run_code_execution(task: Task, lm: EvalLM | None, data_dir: Path, limit: int
         for c in completions[t]:
             body = _extract_code(c, chat)
             head = p["prompt"] + "\n" if chat and f"def {p['entry_point']}" in body else p["prompt"]
-            jobs.append((t, c, head + body + "\n\n" + p["test"] + f"\ncheck({p['entry_point']})\n"))
+            # the completion runs as the program, the tests after it as trusted code (type-strict comparisons)
+            jobs.append((t, c, head + body + "\n", p["test"] + f"\ncheck({p['entry_point']})\n"))
     results = []
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as ex:
-        for r in ex.map(lambda job: run_python(job[2], limits), jobs):
+        for r in ex.map(lambda job: run_python(job[2], limits, test=job[3], unsafe=unsafe_exec), jobs):
             results.append(r)
             if progress is not None:
                 progress(1)
     per_task: dict[str, list[bool]] = defaultdict(list)
     isolation: dict = {}
     records = []
-    for (t, c, _), r in zip(jobs, results):
+    for (t, c, _, _), r in zip(jobs, results):
         per_task[t].append(r.passed)
         isolation = isolation or r.isolation
         tail = r.stderr.strip().splitlines()[-1:] if not r.passed else []
@@ -498,7 +502,7 @@ def count_items(task: Task, data_dir: Path, k: int, limit: int | None, samples_f
 def evaluate(lm: EvalLM | None, tasks: Iterable[str], data_dir: Path, *, num_fewshot: int | None = None,
              limit: int | None = None, samples_file: str | None = None, n_samples: int = 1,
              temperature: float = 0.8, seed: int = 1234, max_new_tokens: int | None = None,
-             ppl_window: int | None = None, progress: bool = True) -> dict:
+             ppl_window: int | None = None, progress: bool = True, unsafe_exec: bool = False) -> dict:
     """Run `tasks` and return the results document (metrics, table rows, per-item records)."""
     from tqdm import tqdm
 
@@ -522,7 +526,7 @@ def evaluate(lm: EvalLM | None, tasks: Iterable[str], data_dir: Path, *, num_few
                 res = run_generate_until(task, lm, data_dir, k, limit, step, max_new_tokens)
             elif task.output_type == "code_execution":
                 res = run_code_execution(task, lm, data_dir, limit, step, samples_file, n_samples, temperature,
-                                         seed, max_new_tokens=max_new_tokens)
+                                         seed, max_new_tokens=max_new_tokens, unsafe_exec=unsafe_exec)
             else:
                 res = run_perplexity(task, lm, data_dir, limit, step, ppl_window)
         res.info["time_s"] = round(time.perf_counter() - t0, 3)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from tianying.config import Config, ConfigError, with_context_settings
-from tianying.train.loop import StepBatches, TrainConfig, TrainResult, flops_per_token, train
+from tianying.train import state as S
+from tianying.train.loop import StepBatches, TrainConfig, TrainResult, check_enough_rows, flops_per_token, train
 
 METHODS = ("full", "lora", "qlora")
 
@@ -208,8 +209,12 @@ class FinetuneResult:
     trainable_params: int
 
 
-def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> FinetuneResult:  # noqa: ANN001
-    """Load the base checkpoint and the conversations, then train with the shared loop."""
+def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: ANN001
+                 overwrite: bool = False) -> FinetuneResult:
+    """Load the base checkpoint and the conversations, then train with the shared loop.
+
+    A fresh run needs an empty (or missing) out_dir unless `overwrite`; `resume` continues the run in it.
+    """
     from tianying import checkpoint as ckpt
     from tianying.data.sft import collate_sft, load_sft, pack_examples
     from tianying.tokenizer import Tokenizer
@@ -221,6 +226,12 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> Finetu
     if not data:
         raise ConfigError("no training data: give --data FILE (or `data:` in the config)")
     info = D.setup(cfg.device)
+    if info.world_size == 1:  # fail before loading anything (train() checks again, on every rank)
+        try:
+            S.check_out_dir(cfg.out_dir, resume, overwrite)
+        except BaseException:
+            D.teardown()
+            raise
     if info.device.type == "cpu" and cfg.malloc_mmap_threshold > 0:
         _return_freed_memory(cfg.malloc_mmap_threshold)
     mem = PeakMemory(info.device)
@@ -250,6 +261,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> Finetu
             log(f"packing: {n_before} conversations → {len(examples)} rows of ≤ {cfg.seq_length + 1} tokens")
             if valid_examples:
                 valid_examples = pack_examples(valid_examples, cfg.seq_length + 1)
+        check_enough_rows(len(examples), cfg.batch_size, cfg.gradient_accumulation_steps, info.world_size,
+                          "packed rows" if cfg.pack else "conversations")
         pad = tok.pad_id if tok.pad_id is not None else 0
         collate = lambda rows: collate_sft(rows, pad)  # noqa: E731
         batches = StepBatches(examples, cfg.batch_size, cfg.gradient_accumulation_steps, info.rank,
@@ -270,7 +283,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print) -> Finetu
         mem.start()
         t0 = time.perf_counter()
         res = train(model, batches, cfg, trainable=trainable, valid=valid, save_model=save_model,
-                    load_model=load_model, resume=resume, info=info, flops_per_tok=fpt)
+                    load_model=load_model, resume=resume, overwrite=overwrite, info=info, flops_per_tok=fpt)
         elapsed = time.perf_counter() - t0
         peak = mem.peak()
         log(f"measured peak memory during training: {peak / 2**20:.1f} MiB "

@@ -15,7 +15,16 @@ from typing import Any
 import torch
 
 from tianying.config import Config, ConfigError, with_context_settings
-from tianying.train.loop import StepBatches, TrainConfig, TrainResult, collate_packed, flops_per_token, train
+from tianying.train import state as S
+from tianying.train.loop import (
+    StepBatches,
+    TrainConfig,
+    TrainResult,
+    check_enough_rows,
+    collate_packed,
+    flops_per_token,
+    train,
+)
 
 
 @dataclass
@@ -64,8 +73,11 @@ def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.pth"))
 
 
-def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
-    """Build data and model from `cfg` and train; works alone or under torchrun (DDP/FSDP)."""
+def run_pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Build data and model from `cfg` and train; works alone or under torchrun (DDP/FSDP).
+
+    A fresh run needs an empty (or missing) out_dir unless `overwrite`; `resume` continues the run in it.
+    """
     from tianying import checkpoint as ckpt
     from tianying.data.indexed import DataError
     from tianying.data.pack import build_pretrain_datasets
@@ -73,6 +85,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
 
     info = D.setup(cfg.device)
     try:
+        if info.world_size == 1:  # fail before loading anything (train() checks again, on every rank)
+            S.check_out_dir(cfg.out_dir, resume, overwrite)
         tok = None
         if cfg.tokenizer:
             from tianying.tokenizer import Tokenizer
@@ -93,6 +107,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
             train_ds, valid_ds = build_pretrain_datasets(cfg.data, cfg.valid_data, cfg.seq_length, cfg.seed,
                                                          cfg.split, cfg.epochs * len(train_ds))
             cfg = dataclasses.replace(cfg, max_steps=len(train_ds) // G)  # the dataset already holds every epoch
+        check_enough_rows(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps, info.world_size,
+                          f"training samples of seq_length + 1 = {cfg.seq_length + 1} tokens")
         _check_vocab(cfg.data, cfg.valid_data, mcfg.vocab_size, DataError)
         batches = StepBatches(train_ds, cfg.batch_size, cfg.gradient_accumulation_steps, info.rank,
                               info.world_size, collate_packed)
@@ -100,7 +116,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> TrainResult:
                  if valid_ds is not None else None)
         n_no_embed = mcfg.n_params - mcfg.vocab_size * mcfg.hidden_size
         fpt = flops_per_token(n_no_embed, mcfg.n_layer, mcfg.hidden_size, cfg.seq_length)
-        return train(model, batches, cfg, valid=valid, resume=resume, info=info, flops_per_tok=fpt,
+        return train(model, batches, cfg, valid=valid, resume=resume, overwrite=overwrite, info=info,
+                     flops_per_tok=fpt,
                      save_model=lambda sd, d: ckpt.save_hf(sd, mcfg, d, tokenizer_dir=cfg.tokenizer),
                      load_model=lambda d: ckpt.load_state_dict(d, dtype=torch.float32, cfg=mcfg))
     finally:

@@ -19,12 +19,20 @@ Choices worth knowing:
   seed's BMTrain trainer counted micro-steps.
 - fp16 uses dynamic loss scaling (halve on overflow and skip the step; double after `loss_scale_window`
   clean steps, as BMTrain's OptimManager); bf16 needs none. Both use autocast over fp32 master weights.
+
+Work is never lost (train/state.py has the details): a fresh run refuses a used out_dir unless `overwrite`;
+retention deletes only the current run's checkpoints; a failed save is one line and leaves the previous
+checkpoint whole; the first SIGINT/SIGTERM finishes the step, saves a checkpoint and stops with
+`TrainingInterrupted` (a second one stops at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tianying.config import ConfigError
+from tianying.errors import TianyingError
 from tianying.train import distributed as D
 from tianying.train import state as S
 from tianying.train.log import MetricsLogger, plot_loss
@@ -286,6 +295,48 @@ class TrainResult:
     out_dir: Path
 
 
+class TrainingInterrupted(TianyingError):
+    """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step was saved."""
+
+
+class _StopOnSignal:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one stops at once.
+
+    Installed only in the main thread (Python delivers signals there); the previous handlers come back on exit.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(once more to quit at once)", file=sys.stderr, flush=True)
+
+
+def check_enough_rows(n_rows: int, batch_size: int, grad_accum: int, world_size: int, what: str = "rows") -> None:
+    """One line before training when the data cannot fill a single global batch."""
+    g = batch_size * grad_accum * world_size
+    if n_rows < g:
+        raise ConfigError(f"the training data has {n_rows} {what}, fewer than one global batch of {g} "
+                          f"(batch_size {batch_size} × gradient_accumulation_steps {grad_accum} × {world_size} "
+                          "process(es)): lower batch_size or add data")
+
+
 def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
@@ -296,6 +347,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
           save_model: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
           load_model: Callable[[Path], dict[str, torch.Tensor]] | None = None,
           resume: bool = False,
+          overwrite: bool = False,
           info: D.DistInfo | None = None,
           flops_per_tok: float | None = None,
           final_dir: str | Path | None = None) -> TrainResult:
@@ -308,9 +360,12 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
         save_model: writes the model's (full, unsharded) state dict as a directory that must not exist yet;
             default: `model.safetensors` of the trainable parameters.
         load_model: reads that directory back into a state dict (for --resume).
-        resume: continue from the newest complete checkpoint in cfg.out_dir (fresh start if none).
+        resume: continue from the newest complete checkpoint of the run in cfg.out_dir (fresh start if none).
+        overwrite: start a fresh run even though cfg.out_dir is not empty (its old checkpoints are kept).
         flops_per_tok: training FLOPs per token for MFU (see `flops_per_token`).
         final_dir: where the final model goes (default out_dir/final).
+    Raises OutDirInUse (a fresh run into a used out_dir), ConfigError (data smaller than one batch),
+    CheckpointSaveError (a save failed), TrainingInterrupted (SIGINT/SIGTERM; a checkpoint was saved).
     """
     info = info or D.DistInfo(device=torch.device(cfg.device or "cpu"))
     out_dir = Path(cfg.out_dir)
@@ -326,9 +381,24 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
     if cfg.activation_checkpointing:
         raw.gradient_checkpointing = True
 
+    # ---------------------------------------------------------------- out_dir and data, before any work
+    refused = None
+    if info.is_main:
+        try:
+            S.check_out_dir(out_dir, resume, overwrite)
+        except S.OutDirInUse as e:
+            refused = e
+    flag = torch.tensor([1.0 if refused else 0.0], dtype=torch.float64)
+    D.all_reduce_sum(flag, info)  # every rank stops, not only the one that looked
+    if refused is not None:
+        raise refused
+    if float(flag) > 0:
+        raise S.OutDirInUse(f"out_dir {out_dir} is not empty (see rank 0)")
+    check_enough_rows(len(batches.dataset), batches.batch_size, batches.grad_accum, batches.world_size)
+
     # ---------------------------------------------------------------- resume: weights before wrapping
     start_step, tstate, rng = 0, None, None
-    ckpt = S.latest_checkpoint(out_dir) if resume else None
+    run_id, ckpt = S.start_run(out_dir, resume)
     if resume:
         S.clean_partial(out_dir) if info.is_main else None
     if ckpt is not None:
@@ -380,6 +450,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
                            resume_step=start_step if ckpt is not None else None)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        S.write_run_file(out_dir, run_id)
     bar = None
     if cfg.progress and info.is_main:
         from tqdm import tqdm
@@ -410,91 +481,117 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
                "warmup_steps": warmup, "data": {"step": step, "global_batch": batches.global_batch},
                "config": {k: v for k, v in config_dict(cfg).items() if isinstance(v, (int, float, str, bool))}}
         S.save_checkpoint(out_dir, step, info, write_model=(lambda d: save_model(full, d)) if info.is_main else None,
-                          trainer_state=tst if info.is_main else None, keep_last_k=cfg.keep_last_k or None)
+                          trainer_state=tst if info.is_main else None, keep_last_k=cfg.keep_last_k or None,
+                          run_id=run_id)
+        saved[0] = step
 
-    run_model.train()
-    acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
-    last_loss = val_loss = None
-    t_start = time.perf_counter()
-    tokens_seen = 0
-    step = start_step
-    for step in range(start_step, total):
-        t0 = time.perf_counter()
-        lr = lr_at(step, total, cfg.lr, warmup, min_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro = [batches.get(step, m) for m in range(batches.grad_accum)]
-        n_tok = torch.tensor([sum(int((y != -100).sum()) for _, y in micro)], dtype=torch.float64)
-        D.all_reduce_sum(n_tok, info)
-        denom = max(float(n_tok), 1.0) / info.world_size  # DDP/FSDP average gradients over ranks
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for m, (x, y) in enumerate(micro):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            sync = m == len(micro) - 1
-            ctx = run_model.no_sync() if hasattr(run_model, "no_sync") and not sync else contextlib.nullcontext()
-            if sharded:
-                raw.set_requires_gradient_sync(sync)
-            with ctx:
-                with autocast():
-                    logits = run_model(x)
-                ce = _token_ce_sum(logits, y)
-                (ce * (scaler.scale / denom if scaler.enabled else 1.0 / denom)).backward()
-            loss_sum += ce.detach().double().cpu()
-        if scaler.enabled:
-            for _, p in params:
-                if p.grad is not None:
-                    p.grad.mul_(1.0 / scaler.scale)
-        gnorm = _clip(params, cfg.clip_grad)
-        finite = math.isfinite(gnorm)
-        if finite or not scaler.enabled:
-            opt.step()
-        scaler.update(finite)
-        opt.zero_grad(set_to_none=True)
-        D.all_reduce_sum(loss_sum, info)
-        loss = float(loss_sum) / max(float(n_tok), 1.0)
-        dt = time.perf_counter() - t0
-        tokens_seen += int(n_tok)
-        acc["loss"] += loss
-        acc["gnorm"] += gnorm if finite else 0.0
-        acc["n"] += 1
-        acc["tokens"] += int(n_tok)
-        acc["time"] += dt
-        done = step + 1
+    saved = [start_step if ckpt is not None else -1]  # the step of the newest checkpoint on disk
+
+    stop = _StopOnSignal().__enter__()
+    try:
+        run_model.train()
+        acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
+        last_loss = val_loss = None
+        t_start = time.perf_counter()
+        tokens_seen = 0
+        step = start_step
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, cfg.lr, warmup, min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = [batches.get(step, m) for m in range(batches.grad_accum)]
+            n_tok = torch.tensor([sum(int((y != -100).sum()) for _, y in micro)], dtype=torch.float64)
+            D.all_reduce_sum(n_tok, info)
+            denom = max(float(n_tok), 1.0) / info.world_size  # DDP/FSDP average gradients over ranks
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for m, (x, y) in enumerate(micro):
+                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                sync = m == len(micro) - 1
+                ctx = run_model.no_sync() if hasattr(run_model, "no_sync") and not sync else contextlib.nullcontext()
+                if sharded:
+                    raw.set_requires_gradient_sync(sync)
+                with ctx:
+                    with autocast():
+                        logits = run_model(x)
+                    ce = _token_ce_sum(logits, y)
+                    (ce * (scaler.scale / denom if scaler.enabled else 1.0 / denom)).backward()
+                loss_sum += ce.detach().double().cpu()
+            if scaler.enabled:
+                for _, p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(1.0 / scaler.scale)
+            gnorm = _clip(params, cfg.clip_grad)
+            finite = math.isfinite(gnorm)
+            if finite or not scaler.enabled:
+                opt.step()
+            scaler.update(finite)
+            opt.zero_grad(set_to_none=True)
+            D.all_reduce_sum(loss_sum, info)
+            loss = float(loss_sum) / max(float(n_tok), 1.0)
+            dt = time.perf_counter() - t0
+            tokens_seen += int(n_tok)
+            acc["loss"] += loss
+            acc["gnorm"] += gnorm if finite else 0.0
+            acc["n"] += 1
+            acc["tokens"] += int(n_tok)
+            acc["time"] += dt
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if done % cfg.log_interval == 0 or done == total:
+                tps = acc["tokens"] / max(acc["time"], 1e-9)
+                mfu = tps * flops_per_tok / (peak * info.world_size) if flops_per_tok else None
+                last_loss = acc["loss"] / acc["n"]
+                logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": acc["gnorm"] / acc["n"],
+                            "tokens_per_sec": tps, "mfu": mfu, "tokens": tokens_seen,
+                            "elapsed_s": time.perf_counter() - t_start,
+                            "loss_scale": scaler.scale if scaler.enabled else None})
+                acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
+            if valid is not None and (done % cfg.eval_interval == 0 or done == total):
+                val_loss = evaluate()
+                if val_loss is not None:
+                    logger.log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+                    if bar is not None:
+                        ppl = math.exp(min(val_loss, 50))
+                        bar.write(f"step {done}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}")
+            if done % cfg.save_interval == 0 and done != total:
+                checkpoint(done)
+            if _stop_requested(stop, info):
+                if saved[0] != done:
+                    checkpoint(done)
+                where = S.step_dir(out_dir, done)
+                raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name} after "
+                                          f"step {done} of {total}; checkpoint {where} saved; --resume continues")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if done % cfg.log_interval == 0 or done == total:
-            tps = acc["tokens"] / max(acc["time"], 1e-9)
-            mfu = tps * flops_per_tok / (peak * info.world_size) if flops_per_tok else None
-            last_loss = acc["loss"] / acc["n"]
-            logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": acc["gnorm"] / acc["n"],
-                        "tokens_per_sec": tps, "mfu": mfu, "tokens": tokens_seen,
-                        "elapsed_s": time.perf_counter() - t_start,
-                        "loss_scale": scaler.scale if scaler.enabled else None})
-            acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
-        if valid is not None and (done % cfg.eval_interval == 0 or done == total):
-            val_loss = evaluate()
-            if val_loss is not None:
-                logger.log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-                if bar is not None:
-                    ppl = math.exp(min(val_loss, 50))
-                    bar.write(f"step {done}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}")
-        if done % cfg.save_interval == 0 and done != total:
+            bar.close()
+            bar = None
+        done = max(total, start_step)
+        if done > start_step or ckpt is None:
             checkpoint(done)
-    if bar is not None:
-        bar.close()
-    done = max(total, start_step)
-    if done > start_step or ckpt is None:
-        checkpoint(done)
-    full = _full_state(raw, sharded)
-    final = Path(final_dir) if final_dir is not None else out_dir / "final"
-    if info.is_main:
-        save_model(full, final)
-    D.barrier(info)
-    logger.close()
+        full = _full_state(raw, sharded)
+        final = Path(final_dir) if final_dir is not None else out_dir / "final"
+        if info.is_main:
+            S.save_final(final, lambda d: save_model(full, d))
+        D.barrier(info)
+    finally:
+        stop.__exit__()
+        if bar is not None:
+            bar.close()
+        logger.close()
     if info.is_main and cfg.plot and logger.path.is_file():
         plot_loss(logger.path, out_dir / "loss.png")
     return TrainResult(raw, done, last_loss, val_loss, out_dir)
+
+
+def _stop_requested(stop: _StopOnSignal, info: D.DistInfo) -> bool:
+    """Whether any rank got SIGINT/SIGTERM (all ranks must stop at the same step to save together)."""
+    if info.world_size == 1:
+        return stop.signum is not None
+    flag = torch.tensor([0.0 if stop.signum is None else 1.0], dtype=torch.float64)
+    D.all_reduce_sum(flag, info)
+    return float(flag) > 0
 
 
 def _clip(params: list[tuple[str, nn.Parameter]], max_norm: float) -> float:
