@@ -315,6 +315,47 @@ def test_browser_pages_and_foreign_hosts_are_refused(llm):
         assert "access-control-allow-origin" not in other.headers
 
 
+def test_idle_and_slowloris_connections_are_cut_off(llm):
+    """uvicorn alone waits for a request head forever; `tianying serve` closes a connection whose head has not
+    arrived in full within --header-timeout, idle or trickling, and still serves everyone else."""
+    from tianying.serve.http import config
+
+    server = uvicorn.Server(config(create_app(llm), "127.0.0.1", 0, header_timeout=1.0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        slow = socket.create_connection(("127.0.0.1", port))
+        t0 = time.time()
+        closed_at = None
+        for part in [b"POST /v1/completions HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"X-a: 1\r\n"] * 10:
+            try:
+                slow.sendall(part)
+            except OSError:
+                closed_at = time.time() - t0
+                break
+            time.sleep(0.3)
+            slow.settimeout(0.01)
+            try:
+                if slow.recv(1) == b"":
+                    closed_at = time.time() - t0
+                    break
+            except TimeoutError:
+                pass
+        assert closed_at is not None and closed_at < 3.0, "the slowloris client was not cut off"
+        for s in idle:
+            s.settimeout(3)
+            assert s.recv(1) == b""  # closed by the server, not by us
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_unknown_route_is_an_openai_error(server):
     r = httpx.get(server[0] + "/v1/nothing", headers=auth())
     assert r.status_code == 404 and r.json()["error"]["message"]

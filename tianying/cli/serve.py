@@ -41,6 +41,11 @@ def register(sub) -> None:
     p.add_argument("--allowed-origins", default=None, metavar="URL,…",
                    help="web origins whose pages may call the API from a browser (CORS), comma-separated "
                         "(default: none; the chat page at / is same-origin and needs none)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers; idle and slow clients are "
+                        "closed after it (default: 10)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="open connections at most; more get 503 (default: 256)")
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in responses (default: the checkpoint's folder name)")
     p.set_defaults(func=run)
@@ -56,6 +61,8 @@ def run(args) -> int:
                             "`pip install 'tianying[serve]'` (or `pip install fastapi uvicorn`)") from None
     if args.max_concurrency < 1:
         raise TianyingError(f"--max-concurrency must be ≥ 1, got {args.max_concurrency}")
+    if args.header_timeout <= 0 or args.max_connections < 1:
+        raise TianyingError("--header-timeout must be > 0 and --max-connections ≥ 1")
     if args.prefix_cache < 0:
         raise TianyingError(f"--prefix-cache must be ≥ 0 MiB, got {args.prefix_cache}")
     if args.prefill_chunk < 1:
@@ -81,5 +88,9 @@ def run(args) -> int:
     auth = "API key required" if args.api_key else "no API key"
     print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    from tianying.serve.http import config
+
+    uvicorn.Server(config(app, args.host, args.port, header_timeout=args.header_timeout,
+                          max_connections=args.max_connections, log_level="info",
+                          timeout_graceful_shutdown=5)).run()
     return 0

@@ -39,6 +39,7 @@ log = logging.getLogger("tianying.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits a context, small enough to refuse abuse
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+BODY_TIMEOUT = 30.0  # seconds for a request body to arrive in full
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -373,7 +374,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    deadline = time.monotonic() + BODY_TIMEOUT
+    while True:  # a body that trickles in (slowloris on the body) gets 408 instead of holding a connection
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.001))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {BODY_TIMEOUT:.0f} s.",
+                           code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
