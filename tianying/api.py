@@ -34,7 +34,7 @@ class LLM:
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
              template: str | None = None, lora: str | Path | None = None, quantize: str | None = None,
              memory_limit: str | int | None = None) -> LLM:
-        """Load a checkpoint directory (Hugging Face or FlagAI layout) with its tokenizer.
+        """Load a checkpoint directory (Hugging Face or FlagAI layout) or a `.gguf` file, with its tokenizer.
 
         Args:
             dtype: "fp32" | "bf16" | "fp16" or a torch dtype; None → fp32 on CPU, the checkpoint's dtype on GPU.
@@ -49,6 +49,8 @@ class LLM:
         path = Path(path)
         if not path.exists():
             raise TianyingError(f"checkpoint directory {path} does not exist")
+        if path.is_file() and path.suffix.lower() == ".gguf":  # read in memory, nothing written (tianying.gguf_io)
+            return cls._load_gguf(path, device, dtype, template, lora, quantize, memory_limit)
         if not path.is_dir():
             raise TianyingError(f"{path} is not a checkpoint directory")
         from tianying.quantize.format import is_quantized_checkpoint
@@ -69,6 +71,23 @@ class LLM:
         if tokenizer.vocab_size > config.vocab_size:
             raise TianyingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                 f"{config.vocab_size} embedding rows")
+        return cls(model, tokenizer, config, template=template, path=path)
+
+    @classmethod
+    def _load_gguf(cls, path: Path, device, dtype, template, lora, quantize, memory_limit) -> LLM:
+        from tianying.gguf_io import load_gguf
+
+        if memory_limit:
+            raise TianyingError("memory_limit is not supported for GGUF files; convert it first (tianying convert)")
+        model, config, tokenizer = load_gguf(path, device=device, dtype=dtype, dequantize=bool(quantize))
+        if quantize:
+            from tianying.quantize import apply_quantization
+
+            apply_quantization(model, quantize)
+        if lora is not None:
+            from tianying.lora import apply_adapter
+
+            apply_adapter(model, lora)
         return cls(model, tokenizer, config, template=template, path=path)
 
     @property

@@ -808,7 +808,7 @@ def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for mname, m in model.named_modules():
         if isinstance(m, QuantLinear):
             out[f"{mname}.weight"] = _LazyDequant(m)
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied head is listed under both names
         if name not in out:
             out[name] = p
     return out

@@ -1,0 +1,357 @@
+"""GGUF import and export (tianying.gguf_io), checked against the `gguf` package, transformers and llama.cpp.
+
+References: transformers' `from_pretrained(..., gguf_file=...)` (its own GGUF reader: it dequantizes with
+`gguf` and undoes GGML's q/k order itself), GGUF files written here with `gguf.GGUFWriter` and
+`gguf.quants.quantize` directly (not through our exporter), `gguf.quants.dequantize` for the values, and
+llama.cpp's llama-simple for greedy decoding (where built: /work/llama.cpp or $LLAMA_CPP_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")  # a dependency; importorskip only names it
+
+from tianying import gguf_io  # noqa: E402
+from tianying.checkpoint import save_hf  # noqa: E402
+from tianying.cli import main as cli  # noqa: E402
+from tianying.config import Config  # noqa: E402
+from tianying.model import build_model  # noqa: E402
+from tianying.quantize.linear import QuantLinear  # noqa: E402
+from tianying.tokenizer import Tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ROOT / "tests" / "data" / "tokenizer"  # 3,008 ids: 0 <|endoftext|>, 3000..3007 Aquila specials
+TEXT = "北京是中国的首都。 The capital of China is Beijing! def f(x):\n    return x  [CLS]</s>"
+IDS = torch.tensor([[3006, 5, 100, 2000, 7, 9, 2999, 44], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def tiny_config(**kw) -> Config:
+    # vocab 3072 > the tokenizer's 3008: the exporter pads with UNUSED rows; widths are multiples of 32
+    base = dict(vocab_size=3072, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
+                max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=3006,
+                eos_token_id=3007, pad_token_id=0, chat_template="aquila-v1")
+    return Config(**{**base, **kw})
+
+
+def random_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
+    """Unit-scale weights (as conftest.randomize_), so that a wrong q/k order could not hide under 1e-4."""
+    m = build_model(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / (1 if "embed" in name else math.sqrt(p.shape[1])))
+    return m.eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def hf_from_gguf(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """Quantized layers through `dequantize → F.linear` (the fast int4 kernel rounds activations)."""
+    monkeypatch.setenv("TIANYING_QUANT_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> tuple[Path, torch.nn.Module, Config]:
+    cfg = tiny_config()
+    m = random_model(cfg)
+    path = tmp_path_factory.mktemp("gguf") / "ckpt"
+    save_hf(m, cfg, path, tokenizer_dir=TOK, dtype=torch.float32)
+    return path, m, cfg
+
+
+# ---------------------------------------------------------------------- a reference writer (not ours)
+def ggml_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half rows → GGML's interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+         "lm_head.weight": "output.weight"}
+LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype, tied: bool = False) -> Path:
+    """A GGUF as llama.cpp's converter lays it out, written with gguf.GGUFWriter and gguf.quants.quantize."""
+    tok = Tokenizer.from_dir(TOK)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = tok.get_vocab()
+    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    types = [gguf.TokenType.UNUSED] * cfg.vocab_size
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = gguf.TokenType.CONTROL if i in tok.special_tokens.values() else gguf.TokenType.NORMAL
+    merges = [ln for ln in (TOK / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if ln]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    sd = model.state_dict()
+    names = dict(NAMES)
+    for i in range(cfg.n_layer):
+        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in LAYER.items()})
+    if tied:
+        names.pop("lm_head.weight")
+    for name, gname in names.items():
+        t = sd[name].float().numpy()
+        if "q_proj" in name:
+            t = ggml_rows(t, cfg.n_head)
+        elif "k_proj" in name:
+            t = ggml_rows(t, cfg.n_kv_head)
+        if t.ndim == 1:
+            w.add_tensor(gname, t)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------------- export → transformers
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_exported_gguf_loads_in_transformers(ckpt, tmp_path, quant, reference_backend):
+    path, model, cfg = ckpt
+    out = gguf_io.export_gguf(path, tmp_path / f"m-{quant}.gguf", quant=quant)
+    ref = hf_from_gguf(out)
+    assert ref.config.num_key_value_heads == cfg.n_kv_head and not ref.config.tie_word_embeddings
+    ours = gguf_io.load_gguf(out)[0]
+    if quant == "f32":  # the GGUF holds our weights exactly: transformers computes our logits
+        assert (logits(ref, IDS) - logits(model, IDS)).abs().max() <= 1e-4
+    else:  # q8_0: transformers dequantizes with gguf; we run int8 QuantLinears from the same blocks
+        assert isinstance(ours.model.layers[0].self_attn.q_proj, QuantLinear)
+        assert isinstance(ours.lm_head, QuantLinear)
+        assert (logits(ref, IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+        assert (logits(ref, IDS) - logits(model, IDS)).abs().max() > 1e-3  # it really is quantized
+    types = dict(gguf_io.iter_types(out))
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.ffn_down.weight"] == ("F32" if quant == "f32" else "Q8_0")
+
+
+def test_exported_metadata_and_tokenizer(ckpt, tmp_path):
+    path, _, cfg = ckpt
+    out = gguf_io.export_gguf(path, tmp_path / "m.gguf", quant="f16")
+    r = gguf.GGUFReader(out)
+    field = {k: r.fields[k].contents() for k in r.fields if not k.startswith("GGUF.")}
+    assert field["general.architecture"] == "llama"
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
+    assert field["tokenizer.ggml.bos_token_id"] == 3006 and field["tokenizer.ggml.eos_token_id"] == 3007
+    tokens, types = field["tokenizer.ggml.tokens"], field["tokenizer.ggml.token_type"]
+    assert len(tokens) == cfg.vocab_size == 3072
+    assert tokens[3006] == "[CLS]" and types[3006] == gguf.TokenType.CONTROL and types[0] == gguf.TokenType.CONTROL
+    assert types[300] == gguf.TokenType.NORMAL
+    assert tokens[3008] == "[PAD3008]" and set(types[3008:]) == {gguf.TokenType.UNUSED}
+    assert field["llama.attention.head_count_kv"] == 2 and field["llama.vocab_size"] == 3072
+    assert field["tianying.chat_template"] == "aquila-v1"
+    assert not field["tokenizer.ggml.add_bos_token"]
+    # the round trip: the same tokenizer, config and weights come back
+    g = gguf_io.read_gguf(out)
+    orig = Tokenizer.from_dir(path)
+    assert g.tokenizer.encode(TEXT) == orig.encode(TEXT)
+    assert g.tokenizer.decode(orig.encode(TEXT)) == TEXT
+    assert g.tokenizer.vocab_size == 3008 and g.tokenizer.bos_id == 3006 and g.tokenizer.eos_id == 3007
+    assert g.cfg.to_hf() == cfg.to_hf()
+
+
+def test_chat_template_from_tokenizer_config(ckpt, tmp_path):
+    """A checkpoint's own Jinja chat_template goes into the GGUF and comes back out of it."""
+    import shutil
+
+    path, model, cfg = ckpt
+    src = tmp_path / "ck"
+    shutil.copytree(path, src)
+    conf = json.loads((src / "tokenizer_config.json").read_text())
+    conf["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps(conf))
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("tianying_chat_template", None)
+    (src / "config.json").write_text(json.dumps(raw))
+    out = gguf_io.export_gguf(src, tmp_path / "m.gguf")
+    g = gguf_io.read_gguf(out)
+    assert g.chat_template == conf["chat_template"] and g.cfg.chat_template is None
+    dst, _ = gguf_io.convert_gguf(out, tmp_path / "back")
+    assert json.loads((dst / "tokenizer_config.json").read_text())["chat_template"] == conf["chat_template"]
+
+
+# ---------------------------------------------------------------------- gguf's own writer → import
+@pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q4_1", "F16", "Q5_0"])
+def test_import_reference_gguf(tmp_path, qname, reference_backend):
+    cfg = tiny_config()
+    model = random_model(cfg, seed=1)
+    qtype = getattr(gguf.GGMLQuantizationType, qname)
+    path = write_reference_gguf(tmp_path / "ref.gguf", model, cfg, qtype)
+    g = gguf_io.read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight", "lm_head.weight"):
+        rt = by_name[gguf_io.gguf_name(name)]
+        want = gguf.quants.dequantize(rt.data, rt.tensor_type).astype(np.float32)
+        heads = cfg.n_head if "q_proj" in name else cfg.n_kv_head if "k_proj" in name else None
+        if heads:  # undo the GGML order: the inverse of ggml_rows
+            want = want.reshape(heads, want.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(want.shape)
+        w = g.weight(name)
+        got = w.dequantize() if isinstance(w, gguf_io.QuantWeight) else w.float()
+        assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want))), name  # bit for bit
+        if qname in ("Q8_0", "Q4_0"):
+            assert isinstance(w, gguf_io.QuantWeight) and w.bits == (8 if qname == "Q8_0" else 4)
+            assert w.group_size == 32 and torch.equal(w.scales.view(torch.int16)[0, :2].view(torch.float16),
+                                                      w.scales[0, :2])
+    ours = gguf_io.load_gguf(path)[0]
+    q = ours.model.layers[0].mlp.up_proj
+    assert isinstance(q, QuantLinear) == (qname in ("Q8_0", "Q4_0"))
+    if qname == "Q4_0":
+        assert q.spec.bits == 4 and q.spec.group_size == 32
+    ref = hf_from_gguf(path)
+    assert (logits(ref, IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+
+
+def test_q4_0_fast_kernels_agree(tmp_path):
+    """Q4_0's scales are often negative (d = max/−8); the int4 kernels must take them as they are."""
+    cfg = tiny_config()
+    path = write_reference_gguf(tmp_path / "q4.gguf", random_model(cfg, seed=2), cfg, gguf.GGMLQuantizationType.Q4_0)
+    ours = gguf_io.load_gguf(path)[0]
+    layer = ours.model.layers[0].mlp.gate_proj
+    assert (layer.scales < 0).any()
+    x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = x @ layer.dequantize().t()
+    assert torch.allclose(layer(x), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_tied_embeddings(tmp_path, reference_backend):
+    cfg = tiny_config()
+    model = random_model(cfg, seed=3)
+    path = write_reference_gguf(tmp_path / "tied.gguf", model, cfg, gguf.GGMLQuantizationType.F32, tied=True)
+    ours, _, _ = gguf_io.load_gguf(path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ref = hf_from_gguf(path)
+    assert ref.config.tie_word_embeddings
+    assert (logits(ref, IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+    out = gguf_io.write_gguf(ours, gguf_io.read_gguf(path).cfg, tmp_path / "again.gguf", TOK)
+    assert "output.weight" not in dict(gguf_io.iter_types(out))  # still tied: written once
+
+
+# ---------------------------------------------------------------------- convert CLI and LLM.load
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_convert_round_trip(ckpt, tmp_path, quant, capsys, reference_backend):
+    from tianying.api import LLM
+
+    path, _, _ = ckpt
+    out = tmp_path / f"m-{quant}.gguf"
+    assert cli(["convert", str(path), str(out), "--quant", quant]) == 0
+    direct = LLM.load(out)
+    assert cli(["convert", str(out), str(tmp_path / "imported")]) == 0
+    assert "GPTQ" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "imported" / "config.json").read_text())["quantization_config"]
+    assert qc["bits"] == (8 if quant == "q8_0" else 4) and qc["group_size"] == 32
+    back = LLM.load(tmp_path / "imported")
+    assert torch.equal(logits(direct.model, IDS), logits(back.model, IDS))  # the same integers, same scales
+    assert back.tokenizer.encode(TEXT) == direct.tokenizer.encode(TEXT) == Tokenizer.from_dir(path).encode(TEXT)
+    assert direct.template == back.template == "aquila-v1"
+    # --dtype: a float checkpoint of the dequantized weights, which transformers loads
+    assert cli(["convert", str(out), str(tmp_path / "float"), "--dtype", "fp32"]) == 0
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "float").eval()
+    assert (logits(hf, IDS) - logits(direct.model, IDS)).abs().max() <= 1e-4
+
+
+def test_bad_inputs_give_one_line(tmp_path, ckpt, capsys):
+    path, model, cfg = ckpt
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("hello")
+    other = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(other, "gpt2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    odd = tmp_path / "odd.gguf"
+    write_reference_gguf(odd, model, cfg, gguf.GGMLQuantizationType.F32)
+    r = gguf.GGUFReader(odd, "r+")
+    r.tensors[0].field.parts[4][0] = int(gguf.GGMLQuantizationType.I32)  # an integer "weight" type
+    r.data.flush()
+    cases = [
+        (["convert", str(not_gguf), str(tmp_path / "o1")], "not a GGUF file"),
+        (["convert", str(other), str(tmp_path / "o2")], "architecture 'gpt2' is not supported"),
+        (["convert", str(odd), str(tmp_path / "o3"), "--dtype", "fp32"], "tensor type I32 is not supported"),
+        (["convert", str(path), str(tmp_path / "x.gguf"), "--quant", "q8_0", "--to", "flagai"], "--quant"),
+        (["convert", str(tmp_path / "missing"), str(tmp_path / "x.gguf")], "does not exist"),
+    ]
+    for argv, msg in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, err
+    from tianying.api import LLM
+    from tianying.errors import TianyingError
+
+    with pytest.raises(TianyingError, match="not a GGUF"):
+        LLM.load(not_gguf)
+
+
+# ---------------------------------------------------------------------- llama.cpp
+def llama_cpp_bin(name: str) -> Path:
+    root = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llama.cpp"))
+    exe = root / "build" / "bin" / name
+    if not exe.is_file():
+        pytest.skip(f"llama.cpp is not built ({exe} missing; see benchmarks/llama_cpp.py or set LLAMA_CPP_DIR)")
+    return exe
+
+
+@pytest.mark.parametrize("prompt", ["北京是", "def main():\n    "])
+def test_llama_cpp_greedy_matches(tmp_path, prompt):
+    """The bundled demo model, exported by us, decodes greedily in llama.cpp to our tokens."""
+    from tianying.api import LLM
+
+    exe = llama_cpp_bin("llama-simple")
+    out = gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path / "demo.gguf", quant="f32")
+    n = 24
+    r = subprocess.run([str(exe), "-m", str(out), "-n", str(n), prompt], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
+    for llm in (LLM.load(ROOT / "models" / "demo"), LLM.load(out)):
+        tok = llm.tokenizer
+        # llama.cpp ends generation at any end-of-generation token: EOS and the CONTROL <|endoftext|>
+        params = llm.sampling_params(max_new_tokens=n, stop_token_ids=[tok.eos_id, tok.token_to_id("<|endoftext|>")])
+        ids = llm.generate_ids([tok.encode(prompt)], params)[0]
+        ours = prompt.encode() + b"".join(tok.token_bytes(i) for i in ids) + b"\n"  # llama-simple ends a line
+        assert len(ids) >= 8 and r.stdout == ours, (r.stdout, ours)
