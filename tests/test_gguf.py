@@ -355,3 +355,20 @@ def test_llama_cpp_greedy_matches(tmp_path, prompt):
         ids = llm.generate_ids([tok.encode(prompt)], params)[0]
         ours = prompt.encode() + b"".join(tok.token_bytes(i) for i in ids) + b"\n"  # llama-simple ends a line
         assert len(ids) >= 8 and r.stdout == ours, (r.stdout, ours)
+
+
+def test_llama_quantize_file_imports(tmp_path, reference_backend):
+    """A GGUF quantized by llama.cpp itself (llama-quantize's Q4_0 mix: Q6_K LM head, F16 where 32 does not
+    divide the width) imports: Q4_0 as int4 layers, the rest dequantized by gguf; transformers agrees."""
+    exe = llama_cpp_bin("llama-quantize")
+    f32 = gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path / "demo.gguf", quant="f32")
+    q4 = tmp_path / "demo-q4_0.gguf"
+    r = subprocess.run([str(exe), str(f32), str(q4), "Q4_0", "2"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
+    types = dict(gguf_io.iter_types(q4))
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_q.weight"] == "Q4_0"
+    ours, cfg, tok = gguf_io.load_gguf(q4)
+    assert isinstance(ours.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(ours.lm_head, torch.nn.Linear) and tok.vocab_size == cfg.vocab_size == 16000
+    ids = torch.tensor([tok.encode(TEXT)])
+    assert (logits(hf_from_gguf(q4), ids) - logits(ours, ids)).abs().max() <= 1e-4
