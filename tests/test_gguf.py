@@ -245,6 +245,26 @@ def test_import_reference_gguf(tmp_path, qname, reference_backend):
     assert (logits(ref, IDS) - logits(ours, IDS)).abs().max() <= 1e-4
 
 
+def test_q4_1_on_the_integer_grid_stays_int4(tmp_path, reference_backend):
+    """Q4_1 (w = d·q + m) fits the integer-zero format exactly when m = −z·d; then it stays an int4 layer."""
+    cfg = tiny_config()
+    model = random_model(cfg, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                k = torch.randint(0, 16, p.shape, generator=gen).float()
+                k.view(-1, 32)[:, 0], k.view(-1, 32)[:, 1] = 0, 15  # every block spans the whole grid
+                p.copy_(2.0 ** -4 * (k - 3))  # d = 1/16, m = −3/16: exact in fp16
+    path = write_reference_gguf(tmp_path / "q41.gguf", model, cfg, gguf.GGMLQuantizationType.Q4_1)
+    w = gguf_io.read_gguf(path).weight("model.layers.0.mlp.up_proj.weight")
+    assert isinstance(w, gguf_io.QuantWeight) and not w.sym and bool((w.zeros == 3).all())
+    assert torch.equal(w.dequantize(), model.model.layers[0].mlp.up_proj.weight)
+    ours = gguf_io.load_gguf(path)[0]
+    assert isinstance(ours.model.layers[1].self_attn.o_proj, QuantLinear)
+    assert (logits(hf_from_gguf(path), IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+
+
 def test_q4_0_fast_kernels_agree(tmp_path):
     """Q4_0's scales are often negative (d = max/−8); the int4 kernels must take them as they are."""
     cfg = tiny_config()
@@ -312,6 +332,14 @@ def test_bad_inputs_give_one_line(tmp_path, ckpt, capsys):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    spm = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(spm, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     odd = tmp_path / "odd.gguf"
     write_reference_gguf(odd, model, cfg, gguf.GGMLQuantizationType.F32)
     r = gguf.GGUFReader(odd, "r+")
@@ -321,6 +349,7 @@ def test_bad_inputs_give_one_line(tmp_path, ckpt, capsys):
         (["convert", str(not_gguf), str(tmp_path / "o1")], "not a GGUF file"),
         (["convert", str(other), str(tmp_path / "o2")], "architecture 'gpt2' is not supported"),
         (["convert", str(odd), str(tmp_path / "o3"), "--dtype", "fp32"], "tensor type I32 is not supported"),
+        (["convert", str(spm), str(tmp_path / "o4")], "tokenizer model 'llama' is not supported"),
         (["convert", str(path), str(tmp_path / "x.gguf"), "--quant", "q8_0", "--to", "flagai"], "--quant"),
         (["convert", str(tmp_path / "missing"), str(tmp_path / "x.gguf")], "does not exist"),
     ]
@@ -424,3 +453,30 @@ def test_same_bytes_as_llama_cpp_converter(ckpt, tmp_path):
     g = gguf_io.read_gguf(theirs)
     assert g.tokenizer.encode(TEXT) == Tokenizer.from_dir(path).encode(TEXT)
     assert g.cfg.to_hf() == cfg.replace(chat_template=None).to_hf()
+
+
+def test_llama_cpp_padded_aquila_vocab(tmp_path):
+    """A 100,008-row model (Aquila's vocabulary size) with a smaller tokenizer and tied embeddings: llama.cpp
+    loads the UNUSED "[PADi]" rows and decodes greedily to our tokens."""
+    from tianying.api import LLM
+
+    exe = llama_cpp_bin("llama-simple")
+    cfg = tiny_config(vocab_size=100008, hidden_size=32, n_head=2, n_kv_head=1, intermediate_size=64,
+                      bos_token_id=15998, eos_token_id=15999)
+    model = random_model(cfg, seed=5)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[16000:] = 0  # padding rows: logit 0, below the real tokens' maximum
+    model.lm_head.weight = model.model.embed_tokens.weight
+    demo_tok = ROOT / "tianying" / "assets" / "demo-tokenizer"
+    out = gguf_io.write_gguf(model, cfg, tmp_path / "padded.gguf", demo_tok)
+    field = gguf.GGUFReader(out).fields
+    assert len(field["tokenizer.ggml.tokens"].contents()) == 100008
+    assert "output.weight" not in dict(gguf_io.iter_types(out))
+    prompt, n = "北京是中国的首都", 16
+    r = subprocess.run([str(exe), "-m", str(out), "-n", str(n), prompt], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
+    llm = LLM.load(out)
+    tok = llm.tokenizer
+    params = llm.sampling_params(max_new_tokens=n, stop_token_ids=[tok.eos_id, tok.token_to_id("<|endoftext|>")])
+    ids = llm.generate_ids([tok.encode(prompt)], params)[0]
+    assert len(ids) >= 4 and r.stdout == prompt.encode() + b"".join(tok.token_bytes(i) for i in ids) + b"\n"
