@@ -174,7 +174,7 @@ class GGUFModel:
         Q8_0/Q4_0 (and exactly representable Q4_1) matrices when `keep_quantized`."""
         rt = self._tensors[name]
         heads = _rotary_heads(name, self.cfg)
-        w = _decode(rt, keep_quantized and name != "model.embed_tokens.weight", name)
+        w = _decode(rt, keep_quantized and name != "model.embed_tokens.weight")
         if heads is not None:
             if isinstance(w, QuantWeight):
                 w.q = interleaved_to_half(w.q, heads)
@@ -192,7 +192,7 @@ def _field(reader, key: str, default: Any = None) -> Any:  # noqa: ANN001 - GGUF
     try:
         return f.contents()
     except Exception as e:  # a malformed field
-        raise GGUFError(f"{reader.path if hasattr(reader, 'path') else 'GGUF'}: cannot read {key} ({e})") from None
+        raise GGUFError(f"cannot read GGUF metadata {key} ({type(e).__name__}: {e})") from None
 
 
 def _one(value: Any, key: str) -> Any:
@@ -243,6 +243,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
 
     want = expected_shapes(cfg)
     for name, rt in tensors.items():
+        if name not in want:
+            raise GGUFError(f"{path}: tensor {rt.name} is beyond llama.block_count = {cfg.n_layer}")
         shape = tuple(int(d) for d in reversed(rt.shape.tolist()))
         if len(want[name]) == 1:
             shape = (int(np.prod(shape)),)
@@ -365,10 +367,9 @@ def _read_tokenizer(reader, path: Path) -> tuple[Any, dict]:  # noqa: ANN001
     backend.decoder = decoders.ByteLevel()
     specials: dict[str, int] = {}
     for i in range(end):
-        if types[i] in added_kinds:
-            special = types[i] == control
-            backend.add_special_tokens([AddedToken(tokens[i], special=special, normalized=False)]) if special \
-                else backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)])
+        if types[i] in added_kinds:  # CONTROL: special (skipped by decode(skip_special_tokens)); USER_DEFINED: not
+            token = AddedToken(tokens[i], special=types[i] == control, normalized=False)
+            (backend.add_special_tokens if types[i] == control else backend.add_tokens)([token])
             if backend.token_to_id(tokens[i]) != i:
                 raise GGUFError(f"{path}: added token {tokens[i]!r} (id {i}) is also at id "
                                 f"{backend.token_to_id(tokens[i])}")
@@ -397,8 +398,7 @@ def _read_tokenizer(reader, path: Path) -> tuple[Any, dict]:  # noqa: ANN001
     tok.chat_template = chat  # the file's Jinja template (read by the chat-template code, when present)
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     return tok, {"bos": bos, "eos": eos, "pad": pad, "chat_template": chat,
-                 "add_bos": None if add_bos is None else bool(add_bos), "user_defined":
-                 [tokens[i] for i in range(end) if types[i] == user]}
+                 "add_bos": None if add_bos is None else bool(add_bos)}
 
 
 def _blocks(rt, type_size: int) -> tuple[torch.Tensor, int, int]:  # noqa: ANN001
@@ -416,7 +416,7 @@ def _f16(raw: torch.Tensor, N: int) -> torch.Tensor:
     return raw.contiguous().view(torch.float16).reshape(N, -1)
 
 
-def _decode(rt, keep_quantized: bool, name: str) -> torch.Tensor | QuantWeight:  # noqa: ANN001
+def _decode(rt, keep_quantized: bool) -> torch.Tensor | QuantWeight:  # noqa: ANN001 - a gguf ReaderTensor
     gguf = _gguf()
     T = gguf.GGMLQuantizationType
     kind = rt.tensor_type
@@ -425,6 +425,8 @@ def _decode(rt, keep_quantized: bool, name: str) -> torch.Tensor | QuantWeight: 
         return torch.from_numpy(np.array(rt.data, copy=True)).reshape(shape)
     if kind == T.BF16:
         return torch.from_numpy(np.array(rt.data, dtype=np.uint8, copy=True)).view(torch.bfloat16).reshape(shape)
+    # QuantLinear packs 32/bits rows together (QuantSpec.check): a head of, say, 32,001 rows is dequantized instead
+    keep_quantized = keep_quantized and int(np.prod(rt.shape[1:])) % 8 == 0
     if keep_quantized and kind == T.Q8_0:
         raw, N, K = _blocks(rt, 34)
         d = _f16(raw[..., :2], N)
