@@ -364,6 +364,26 @@ def test_bad_inputs_give_one_line(tmp_path, ckpt, capsys):
         LLM.load(not_gguf)
 
 
+def test_export_is_atomic(ckpt, tmp_path, monkeypatch):
+    """A failure while writing leaves the previous file as it was and no temporary file behind."""
+    path, _, _ = ckpt
+    out = gguf_io.export_gguf(path, tmp_path / "m.gguf", quant="f16")
+    before = out.read_bytes()
+    calls = []
+
+    def failing(t, kind, g):
+        calls.append(kind)
+        if len(calls) > 3:
+            raise OSError("disk full")
+        return real(t, kind, g)
+
+    real = gguf_io._encode
+    monkeypatch.setattr(gguf_io, "_encode", failing)
+    with pytest.raises(OSError, match="disk full"):
+        gguf_io.export_gguf(path, out, quant="q8_0")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 # ---------------------------------------------------------------------- llama.cpp
 def llama_cpp_bin(name: str) -> Path:
     root = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llama.cpp"))
@@ -373,13 +393,19 @@ def llama_cpp_bin(name: str) -> Path:
     return exe
 
 
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory) -> Path:
+    """The bundled (trained) demo model, exported by us as f32."""
+    return gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path_factory.mktemp("demo") / "demo.gguf")
+
+
 @pytest.mark.parametrize("prompt", ["北京是", "def main():\n    "])
-def test_llama_cpp_greedy_matches(tmp_path, prompt):
-    """The bundled demo model, exported by us, decodes greedily in llama.cpp to our tokens."""
+def test_llama_cpp_greedy_matches(demo_gguf, prompt):
+    """The demo model, exported by us, decodes greedily in llama.cpp to our tokens."""
     from tianying.api import LLM
 
     exe = llama_cpp_bin("llama-simple")
-    out = gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path / "demo.gguf", quant="f32")
+    out = demo_gguf
     n = 24
     r = subprocess.run([str(exe), "-m", str(out), "-n", str(n), prompt], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
@@ -392,11 +418,11 @@ def test_llama_cpp_greedy_matches(tmp_path, prompt):
         assert len(ids) >= 8 and r.stdout == ours, (r.stdout, ours)
 
 
-def test_llama_quantize_file_imports(tmp_path, reference_backend):
+def test_llama_quantize_file_imports(demo_gguf, tmp_path, reference_backend):
     """A GGUF quantized by llama.cpp itself (llama-quantize's Q4_0 mix: Q6_K LM head, F16 where 32 does not
     divide the width) imports: Q4_0 as int4 layers, the rest dequantized by gguf; transformers agrees."""
     exe = llama_cpp_bin("llama-quantize")
-    f32 = gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path / "demo.gguf", quant="f32")
+    f32 = demo_gguf
     q4 = tmp_path / "demo-q4_0.gguf"
     r = subprocess.run([str(exe), str(f32), str(q4), "Q4_0", "2"], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-500:]
