@@ -212,6 +212,17 @@ def test_chat_template_from_tokenizer_config(ckpt, tmp_path):
     assert json.loads((dst / "tokenizer_config.json").read_text())["chat_template"] == conf["chat_template"]
 
 
+def test_named_template_exports_its_jinja(ckpt, tmp_path, monkeypatch):
+    """The checkpoint's tianying template name → `tianying.templates.jinja_source(name)` in the GGUF."""
+    from tianying import templates
+
+    path, _, _ = ckpt
+    monkeypatch.setattr(templates, "jinja_source", lambda name: f"{{# {name} #}}{{{{ messages[0]['content'] }}}}",
+                        raising=False)
+    g = gguf_io.read_gguf(gguf_io.export_gguf(path, tmp_path / "m.gguf"))
+    assert g.chat_template == "{# aquila-v1 #}{{ messages[0]['content'] }}" and g.cfg.chat_template == "aquila-v1"
+
+
 # ---------------------------------------------------------------------- gguf's own writer → import
 @pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q4_1", "F16", "Q5_0"])
 def test_import_reference_gguf(tmp_path, qname, reference_backend):
