@@ -223,6 +223,28 @@ def test_named_template_exports_its_jinja(ckpt, tmp_path, monkeypatch):
     assert g.chat_template == "{# aquila-v1 #}{{ messages[0]['content'] }}" and g.cfg.chat_template == "aquila-v1"
 
 
+def test_llama3_style_pre_tokenizer_round_trip(ckpt, tmp_path):
+    """A Split-regex pre-tokenizer (Llama 3's) is exported under llama.cpp's name and imported back as such."""
+    import shutil
+
+    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    path, _, _ = ckpt
+    src = tmp_path / "ck"
+    shutil.copytree(path, src)
+    backend = Backend.from_file(str(src / "tokenizer.json"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gguf_io._SPLIT_PRE["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.save(str(src / "tokenizer.json"))
+    text = TEXT + " 12345678 don't"
+    assert backend.encode(text).ids != Backend.from_file(str(path / "tokenizer.json")).encode(text).ids
+    g = gguf_io.read_gguf(gguf_io.export_gguf(src, tmp_path / "m.gguf"))
+    assert g.pre == "llama-bpe"
+    assert g.tokenizer.encode(text) == backend.encode(text, add_special_tokens=False).ids
+
+
 # ---------------------------------------------------------------------- gguf's own writer → import
 @pytest.mark.parametrize("qname", ["Q8_0", "Q4_0", "Q4_1", "F16", "Q5_0"])
 def test_import_reference_gguf(tmp_path, qname, reference_backend):
@@ -318,6 +340,12 @@ def test_convert_round_trip(ckpt, tmp_path, quant, capsys, reference_backend):
     assert torch.equal(logits(direct.model, IDS), logits(back.model, IDS))  # the same integers, same scales
     assert back.tokenizer.encode(TEXT) == direct.tokenizer.encode(TEXT) == Tokenizer.from_dir(path).encode(TEXT)
     assert direct.template == back.template == "aquila-v1"
+    from tokenizers import Tokenizer as Backend
+    from transformers import AutoTokenizer
+
+    want = Tokenizer.from_dir(path).encode(TEXT)
+    assert Backend.from_file(str(tmp_path / "imported" / "tokenizer.json")).encode(TEXT).ids == want
+    assert AutoTokenizer.from_pretrained(tmp_path / "imported")(TEXT)["input_ids"] == want
     # and back to GGUF: requantizing exactly dequantized blocks finds the same d and q, so no byte changes
     again = gguf_io.export_gguf(tmp_path / "imported", tmp_path / "again.gguf", quant=quant)
     a, b = ({t.name: t for t in gguf.GGUFReader(f).tensors} for f in (out, again))

@@ -163,6 +163,7 @@ class GGUFModel:
     chat_template: str | None  # the file's Jinja chat template
     add_bos: bool | None  # tokenizer.ggml.add_bos_token
     tied: bool  # no output.weight: the LM head is the embedding table
+    pre: str = "gpt-2"  # tokenizer.ggml.pre
     types: dict[str, str] = field(default_factory=dict)  # HF name → GGML type name
     _tensors: dict = field(default_factory=dict, repr=False)  # HF name → gguf ReaderTensor
 
@@ -255,7 +256,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise GGUFError(f"{path}: lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = meta["bos"], meta["eos"], meta["pad"]
     types = {n: rt.tensor_type.name for n, rt in tensors.items()}
-    return GGUFModel(path, cfg, tokenizer, meta["chat_template"], meta["add_bos"], tied, types, tensors)
+    return GGUFModel(path, cfg, tokenizer, meta["chat_template"], meta["add_bos"], tied, meta["pre"], types, tensors)
 
 
 def _read_config(reader, path: Path, emb_rows: int) -> Config:  # noqa: ANN001
@@ -397,7 +398,7 @@ def _read_tokenizer(reader, path: Path) -> tuple[Any, dict]:  # noqa: ANN001
     chat = _field(reader, "tokenizer.chat_template")
     tok.chat_template = chat  # the file's Jinja template (read by the chat-template code, when present)
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
-    return tok, {"bos": bos, "eos": eos, "pad": pad, "chat_template": chat,
+    return tok, {"bos": bos, "eos": eos, "pad": pad, "chat_template": chat, "pre": pre,
                  "add_bos": None if add_bos is None else bool(add_bos)}
 
 
@@ -568,6 +569,8 @@ def write_tokenizer_files(g: GGUFModel, directory: str | Path) -> None:
     for i, entry in conf.get("added_tokens_decoder", {}).items():
         if i in user:
             entry["special"] = False
+    if g.pre not in _GPT2_PRE:  # GPT2Tokenizer (vocab.json + merges.txt) would apply GPT-2's regex
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
     if g.add_bos is not None:
         conf["add_bos_token"] = g.add_bos
     if g.chat_template:
