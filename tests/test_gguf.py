@@ -95,8 +95,10 @@ LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_att
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype, tied: bool = False) -> Path:
-    """A GGUF as llama.cpp's converter lays it out, written with gguf.GGUFWriter and gguf.quants.quantize."""
+def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype, tied: bool = False,
+                         override: dict | None = None) -> Path:
+    """A GGUF as llama.cpp's converter lays it out, written with gguf.GGUFWriter and gguf.quants.quantize
+    (`override`: GGUF tensor name → type for those tensors)."""
     tok = Tokenizer.from_dir(TOK)
     w = gguf.GGUFWriter(path, "llama")
     w.add_context_length(cfg.max_position_embeddings)
@@ -139,7 +141,8 @@ def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype,
         if t.ndim == 1:
             w.add_tensor(gname, t)
         else:
-            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            kind = (override or {}).get(gname, qtype)
+            w.add_tensor(gname, gguf.quants.quantize(t, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -276,6 +279,8 @@ def test_import_reference_gguf(tmp_path, qname, reference_backend):
         assert q.spec.bits == 4 and q.spec.group_size == 32
     ref = hf_from_gguf(path)
     assert (logits(ref, IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+    _, what = gguf_io.convert_gguf(path, tmp_path / "ckpt")  # quantized where exact, else a float checkpoint
+    assert ("GPTQ" in what) == (qname in ("Q8_0", "Q4_0")), what
 
 
 def test_q4_1_on_the_integer_grid_stays_int4(tmp_path, reference_backend):
@@ -296,6 +301,24 @@ def test_q4_1_on_the_integer_grid_stays_int4(tmp_path, reference_backend):
     ours = gguf_io.load_gguf(path)[0]
     assert isinstance(ours.model.layers[1].self_attn.o_proj, QuantLinear)
     assert (logits(hf_from_gguf(path), IDS) - logits(ours, IDS)).abs().max() <= 1e-4
+
+
+def test_mixed_types_convert_to_one_gptq_setting(tmp_path, reference_backend):
+    """llama-quantize-style mixes: the GPTQ checkpoint keeps the most common setting, the rest exactly as float."""
+    from tianying.api import LLM
+
+    cfg = tiny_config()
+    Q = gguf.GGMLQuantizationType
+    path = write_reference_gguf(tmp_path / "mix.gguf", random_model(cfg, seed=6), cfg, Q.Q4_0,
+                                override={"blk.1.ffn_down.weight": Q.Q8_0, "output.weight": Q.Q5_0})
+    direct = LLM.load(path)
+    assert direct.model.model.layers[1].mlp.down_proj.spec.bits == 8
+    with pytest.warns(UserWarning, match="1 layers .* are 8-bit while most are 4-bit"):
+        _, what = gguf_io.convert_gguf(path, tmp_path / "ckpt")
+    assert what.startswith("int4 group 32")
+    back = LLM.load(tmp_path / "ckpt")
+    assert isinstance(back.model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    assert (logits(direct.model, IDS) - logits(back.model, IDS)).abs().max() <= 1e-4
 
 
 def test_q4_0_fast_kernels_agree(tmp_path):

@@ -511,7 +511,7 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | No
     dequantizes everything into a float checkpoint instead.
     """
     from tianying.checkpoint import parse_dtype, save_hf
-    from tianying.quantize.linear import QuantLinear, quantized_layers, set_submodule
+    from tianying.quantize.linear import quantized_layers
 
     dst = Path(dst)
     if dst.suffix.lower() == ".gguf":
@@ -520,43 +520,49 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: str | torch.dtype | No
     with tempfile.TemporaryDirectory(prefix=".tianying-gguf-tok-", dir=dst.absolute().parent
                                      if dst.absolute().parent.exists() else None) as tok_dir:
         write_tokenizer_files(g, tok_dir)
-        quant = {n: t for n, t in g.types.items() if t in ("Q8_0", "Q4_0", "Q4_1") and n != "model.embed_tokens.weight"}
-        if dtype is not None or not quant:
-            want = parse_dtype(dtype)
-            sd = {}
-            for name in g.names():
-                w = g.weight(name, keep_quantized=False)
-                sd[name] = w if want is None else w.to(want)
-            if g.tied:
-                sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-            save_hf(sd, g.cfg, dst, tokenizer_dir=tok_dir, dtype=want)
-            return dst, f"float ({dtype})" if dtype else "float (the file's dtypes)"
-        from tianying.quantize.format import save_quantized
+        if dtype is None:  # keep what maps exactly onto int8/int4 layers, if anything does
+            model = load_gguf(src, dtype=torch.float32)[0]
+            if quantized_layers(model):
+                return dst, _save_quantized(model, g, dst, tok_dir)
+            del model
+        want = parse_dtype(dtype)
+        sd = {}
+        for name in g.names():
+            w = g.weight(name, keep_quantized=False)
+            sd[name] = w if want is None else w.to(want)
+        if g.tied:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        save_hf(sd, g.cfg, dst, tokenizer_dir=tok_dir, dtype=want)
+        return dst, f"float ({dtype})" if dtype else "float (the file's dtypes)"
 
-        model, _, _ = load_gguf(src, dtype=torch.float32)
-        layers = quantized_layers(model)
-        specs: dict = {}
-        for n, m in layers.items():
-            specs.setdefault(m.spec, []).append(n)
-        keep = max(specs, key=lambda s: len(specs[s]))
-        for spec, names in specs.items():  # the GPTQ format holds one setting; others go back to float, exactly
-            if spec == keep:
-                continue
-            warnings.warn(f"{len(names)} layers ({names[0]}, ...) are {spec.bits}-bit while most are {keep.bits}-bit; "
-                          "the GPTQ format holds one setting, so they are stored dequantized (fp32)", stacklevel=2)
-            for n in names:
-                lin = nn.Linear(layers[n].in_features, layers[n].out_features, bias=False)
-                lin.weight = nn.Parameter(layers[n].dequantize(), requires_grad=False)
-                set_submodule(model, n, lin)
-        if g.tied:  # the GPTQ writer saves parameters by name; a tied head is saved as its own copy
-            model.lm_head = nn.Linear(g.cfg.hidden_size, g.cfg.vocab_size, bias=False)
-            model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(),
-                                                requires_grad=False)
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.prepare()
-        save_quantized(model, g.cfg, dst, tokenizer_dir=tok_dir, method="gguf")
-        return dst, f"int{keep.bits} group {keep.group_size} (GPTQ format)"
+
+def _save_quantized(model: nn.Module, g: GGUFModel, dst: Path, tok_dir: str) -> str:
+    """`model`'s QuantLinears as a GPTQ-format checkpoint (one setting: the most common one)."""
+    from tianying.quantize.format import save_quantized
+    from tianying.quantize.linear import QuantLinear, quantized_layers, set_submodule
+
+    layers = quantized_layers(model)
+    specs: dict = {}
+    for n, m in layers.items():
+        specs.setdefault(m.spec, []).append(n)
+    keep = max(specs, key=lambda s: len(specs[s]))
+    for spec, names in specs.items():  # the GPTQ format holds one setting; others go back to float, exactly
+        if spec == keep:
+            continue
+        warnings.warn(f"{len(names)} layers ({names[0]}, ...) are {spec.bits}-bit while most are {keep.bits}-bit; "
+                      "the GPTQ format holds one setting, so they are stored dequantized (fp32)", stacklevel=3)
+        for n in names:
+            lin = nn.Linear(layers[n].in_features, layers[n].out_features, bias=False)
+            lin.weight = nn.Parameter(layers[n].dequantize(), requires_grad=False)
+            set_submodule(model, n, lin)
+    if g.tied:  # the GPTQ writer saves parameters by name; a tied head is saved as its own copy
+        model.lm_head = nn.Linear(g.cfg.hidden_size, g.cfg.vocab_size, bias=False)
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare()
+    save_quantized(model, g.cfg, dst, tokenizer_dir=tok_dir, method="gguf")
+    return f"int{keep.bits} group {keep.group_size} (GPTQ format)"
 
 
 def write_tokenizer_files(g: GGUFModel, directory: str | Path) -> None:
