@@ -195,6 +195,24 @@ def test_exported_metadata_and_tokenizer(ckpt, tmp_path):
     assert g.cfg.to_hf() == cfg.to_hf()
 
 
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 8.0},
+                                     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                                     {"type": "ntk", "factor": 2.0}])
+def test_rope_settings_round_trip(tmp_path, scaling, reference_backend):
+    from tianying.rope import ntk_base
+
+    cfg = tiny_config(rope_theta=1_000_000.0, rope_scaling=scaling, max_position_embeddings=512, rms_norm_eps=1e-6)
+    model = random_model(cfg, seed=7)
+    g = gguf_io.read_gguf(gguf_io.write_gguf(model, cfg, tmp_path / "m.gguf", TOK))
+    if scaling and scaling["type"] == "ntk":  # written as the RoPE base it amounts to: the same angles
+        assert g.cfg.rope_scaling is None and math.isclose(g.cfg.rope_theta, ntk_base(1e6, 2.0, cfg.head_dim),
+                                                           rel_tol=1e-6)
+    else:
+        assert g.cfg.to_hf() == cfg.to_hf()
+    ids = torch.arange(300).reshape(1, -1) % 3000  # past 64 positions: the scaling matters
+    assert (logits(gguf_io.load_gguf(g.path)[0], ids) - logits(model, ids)).abs().max() <= 1e-4
+
+
 def test_chat_template_from_tokenizer_config(ckpt, tmp_path):
     """A checkpoint's own Jinja chat_template goes into the GGUF and comes back out of it."""
     import shutil

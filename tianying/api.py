@@ -49,7 +49,7 @@ class LLM:
         path = Path(path)
         if not path.exists():
             raise TianyingError(f"checkpoint directory {path} does not exist")
-        if path.is_file() and path.suffix.lower() == ".gguf":  # read in memory, nothing written (tianying.gguf_io)
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):  # in memory (tianying.gguf_io)
             return cls._load_gguf(path, device, dtype, template, lora, quantize, memory_limit)
         if not path.is_dir():
             raise TianyingError(f"{path} is not a checkpoint directory")
@@ -196,6 +196,12 @@ class LLM:
     def _pad_id(self) -> int:
         pad = self.config.pad_token_id
         return 0 if pad is None else int(pad)
+
+
+def _is_gguf(path: Path) -> bool:
+    from tianying.gguf_io import is_gguf
+
+    return is_gguf(path)
 
 
 def _legacy_cleanup(text: str) -> str:
