@@ -14,19 +14,18 @@ import os
 import subprocess
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")  # a dependency; importorskip only names it
-
-from tianying import gguf_io  # noqa: E402
-from tianying.checkpoint import save_hf  # noqa: E402
-from tianying.cli import main as cli  # noqa: E402
-from tianying.config import Config  # noqa: E402
-from tianying.model import build_model  # noqa: E402
-from tianying.quantize.linear import QuantLinear  # noqa: E402
-from tianying.tokenizer import Tokenizer  # noqa: E402
+from tianying import gguf_io
+from tianying.checkpoint import save_hf
+from tianying.cli import main as cli
+from tianying.config import Config
+from tianying.model import build_model
+from tianying.quantize.linear import QuantLinear
+from tianying.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ROOT / "tests" / "data" / "tokenizer"  # 3,008 ids: 0 <|endoftext|>, 3000..3007 Aquila specials
