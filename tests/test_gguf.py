@@ -474,7 +474,8 @@ def llama_cpp_bin(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_gguf(tmp_path_factory) -> Path:
-    """The bundled (trained) demo model, exported by us as f32."""
+    """The bundled (trained) demo model, exported by us as f32 (only where llama.cpp will read it)."""
+    llama_cpp_bin("llama-simple")
     return gguf_io.export_gguf(ROOT / "models" / "demo", tmp_path_factory.mktemp("demo") / "demo.gguf")
 
 
