@@ -557,7 +557,8 @@ def test_same_bytes_as_llama_cpp_converter(ckpt, tmp_path):
         assert ta[name].tensor_type == tb[name].tensor_type and np.array_equal(ta[name].data, tb[name].data), name
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.rope.dimension_count",
-                "llama.attention.head_count_kv", "llama.vocab_size"):
+                "llama.attention.head_count_kv", "llama.vocab_size", "llama.attention.key_length",
+                "llama.attention.value_length"):
         assert a.fields[key].contents() == b.fields[key].contents(), key
     g = gguf_io.read_gguf(theirs)
     assert g.tokenizer.encode(TEXT) == Tokenizer.from_dir(path).encode(TEXT)

@@ -236,10 +236,10 @@ def read_gguf(path: str | Path) -> GGUFModel:
         raise GGUFError(f"{path}: no token_embd.weight")
     emb_rows = int(tensors["model.embed_tokens.weight"].shape[1])
     tokenizer, meta = _read_tokenizer(reader, path)
-    cfg = _read_config(reader, path, emb_rows)
+    tied = "lm_head.weight" not in tensors
+    cfg = _read_config(reader, path, emb_rows, tied)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GGUFError(f"{path}: {tokenizer.vocab_size} tokens but only {cfg.vocab_size} embedding rows")
-    tied = "lm_head.weight" not in tensors
     from tianying.checkpoint import expected_shapes
 
     want = expected_shapes(cfg)
@@ -259,7 +259,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(path, cfg, tokenizer, meta["chat_template"], meta["add_bos"], tied, meta["pre"], types, tensors)
 
 
-def _read_config(reader, path: Path, emb_rows: int) -> Config:  # noqa: ANN001
+def _read_config(reader, path: Path, emb_rows: int, tied: bool) -> Config:  # noqa: ANN001
     def need(key: str) -> Any:
         v = _field(reader, f"llama.{key}")
         if v is None:
@@ -268,12 +268,19 @@ def _read_config(reader, path: Path, emb_rows: int) -> Config:  # noqa: ANN001
 
     hidden, n_head = int(need("embedding_length")), int(need("attention.head_count"))
     n_kv = int(_one(_field(reader, "llama.attention.head_count_kv", n_head), "llama.attention.head_count_kv"))
+    fields = Config.__dataclass_fields__  # head_dim / tie_word_embeddings, where the Config has them as fields
     head_dim = hidden // n_head if n_head else 0
+    key_length = _field(reader, "llama.attention.key_length")
+    extra: dict[str, Any] = {}
+    if key_length is not None and "head_dim" in fields:
+        head_dim = extra["head_dim"] = int(_one(key_length, "llama.attention.key_length"))
+    if "tie_word_embeddings" in fields:
+        extra["tie_word_embeddings"] = tied
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         v = _field(reader, f"llama.{key}")
         if v is not None and int(_one(v, key)) != head_dim:
-            # tianying's Config derives head_dim = hidden/heads; partial rotary or wider heads do not fit it
-            raise GGUFError(f"{path}: llama.{key} = {int(_one(v, key))} differs from hidden/heads = {head_dim} "
+            # the model rotates whole heads of hidden/heads (or head_dim) dimensions: partial rotary does not fit
+            raise GGUFError(f"{path}: llama.{key} = {int(_one(v, key))} differs from the head size {head_dim} "
                             "(not supported)")
     vocab = _field(reader, "llama.vocab_size")
     vocab = int(vocab) if vocab is not None else emb_rows
@@ -303,6 +310,7 @@ def _read_config(reader, path: Path, emb_rows: int) -> Config:  # noqa: ANN001
             rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
             chat_template=_field(reader, "tianying.chat_template"),
+            **extra,
         )
     except ConfigError as e:
         raise GGUFError(f"{path}: {e}") from None
@@ -793,6 +801,8 @@ def _add_config(w, gguf, cfg: Config) -> None:  # noqa: ANN001
     w.add_head_count_kv(cfg.n_kv_head)
     w.add_rope_freq_base(theta)
     w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)  # as convert_hf_to_gguf.py writes them
+    w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if kind == "linear":
