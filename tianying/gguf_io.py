@@ -659,6 +659,7 @@ def _add_tokenizer(writer, gguf, tok, vocab_size: int) -> None:  # noqa: ANN001
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer_name(tok))
+    writer.add_add_space_prefix(False)  # byte-level BPE: a leading space is part of the token
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -745,10 +746,13 @@ def write_gguf(tensors: Mapping[str, torch.Tensor] | nn.Module, cfg: Config, out
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type("model")
         w.add_name(cfg.name if cfg.name not in (None, "custom") else out.stem)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+        if quant in ("q8_0", "q4_0"):
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_config(w, gguf, cfg)
         _add_tokenizer(w, gguf, tok, cfg.vocab_size)
         tpl = chat_template if chat_template is not None else _chat_template_source(cfg, tokenizer_dir)
