@@ -192,6 +192,11 @@ def test_exported_metadata_and_tokenizer(ckpt, tmp_path):
     assert g.tokenizer.decode(orig.encode(TEXT)) == TEXT
     assert g.tokenizer.vocab_size == 3008 and g.tokenizer.bos_id == 3006 and g.tokenizer.eos_id == 3007
     assert g.cfg.to_hf() == cfg.to_hf()
+    from transformers import AutoTokenizer  # transformers' own GGUF tokenizer reader agrees
+
+    hf_tok = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+    assert hf_tok(TEXT, add_special_tokens=False)["input_ids"] == orig.encode(TEXT)
+    assert (hf_tok.bos_token, hf_tok.eos_token) == ("[CLS]", "</s>")
 
 
 @pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 8.0},
