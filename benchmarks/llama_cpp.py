@@ -1,8 +1,8 @@
 """llama.cpp peer benchmark: batch-1 decode tok/s of llama.cpp on the same weights as a tianying checkpoint.
 
-The checkpoint (or random weights for a named config, seed 0) is exported to a GGUF f32 file (architecture
-"llama"; q_proj/k_proj rows permuted from Hugging Face's rotate-half layout to GGML's, as llama.cpp's
-convert_hf_to_gguf.py does). llama-quantize then makes the q8_0 and q4_0 files, and llama-bench runs its
+The checkpoint (or random weights for a named config, seed 0) is exported to a GGUF f32 file by tianying's own
+exporter (`tianying convert CKPT model.gguf`, tianying/gguf_io.py: architecture "llama", q/k rows in GGML's
+order, the tokenizer and chat template). llama-quantize then makes the q8_0 and q4_0 files, and llama-bench runs its
 batch-1 decode test (`tg`: -p 0 -n N) on each file. The script prints a table, then one JSON line. q4_0 is
 llama-quantize's default mix, which keeps output.weight (the LM head) at q6_K. Append `-pure` to a variant
 (`q4_0-pure`) for `llama-quantize --pure`: every matrix in that type, LM head and embeddings included. The
@@ -21,9 +21,9 @@ llama-cpp-python 0.3.36 sdist (any recent llama.cpp checkout builds the same way
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
     cmake --build build -j2 --target llama-bench llama-quantize
 
-Pass that directory as --llama-cpp (or set LLAMA_CPP_DIR). The binaries are looked up in DIR/build/bin. The GGUF
-writer is imported from DIR/gguf-py, or else from an installed `gguf` package (`pip install gguf`). Neither
-package is a tianying dependency.
+(The shared build in /work/llama.cpp also has llama-simple, llama-completion, llama-cli and llama-server:
+-DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON.) Pass that directory as --llama-cpp (or set LLAMA_CPP_DIR).
+The binaries are looked up in DIR/build/bin.
 
 The export writes the tokenizer too: byte-level BPE (tokenizer model "gpt2", pre-tokenizer "gpt-2", which is
 Aquila's GPT-2 regex), with the special tokens as CONTROL. A vocabulary smaller than the model's (the 16,000-token
@@ -59,7 +59,7 @@ class BenchError(Exception):
     """A failure reported as one line, without a traceback."""
 
 
-# ---------------------------------------------------------------------- llama.cpp and gguf
+# ---------------------------------------------------------------------- llama.cpp
 def find_binaries(src: str | None) -> dict[str, Path]:
     """llama-bench and llama-quantize from DIR/build/bin (DIR itself if it holds them), else from $PATH."""
     dirs = [Path(src) / "build" / "bin", Path(src)] if src else []
@@ -74,126 +74,18 @@ def find_binaries(src: str | None) -> dict[str, Path]:
     return found
 
 
-def import_gguf(src: str | None):  # noqa: ANN201 - the gguf module
-    if src and (Path(src) / "gguf-py" / "gguf").is_dir():
-        sys.path.insert(0, str(Path(src) / "gguf-py"))
-    try:
-        import gguf
-    except ImportError as e:
-        raise BenchError(f"cannot import gguf ({e}); pip install gguf, or pass --llama-cpp DIR of a llama.cpp "
-                         "checkout (its gguf-py is used)") from None
-    return gguf
-
-
 # ---------------------------------------------------------------------- export
-def permute_rotary(w, n_head: int):  # noqa: ANN001, ANN201 - torch.Tensor in and out
-    """HF rotate-half rows → GGML's interleaved rotary layout (convert_hf_to_gguf.py `LlamaModel.permute`)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+def export_gguf(ckpt: Path, out: Path) -> dict:
+    """Write `ckpt` as a GGUF f32 file with tianying's exporter (tianying.gguf_io); return a few facts."""
+    from tianying.checkpoint import load_config
+    from tianying.gguf_io import export_gguf as write
 
-
-def _tokenizer_dir(ckpt: Path) -> Path:
-    if (ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file():
-        return ckpt
-    print(f"note: {ckpt} has no tokenizer files; the GGUF gets the demo tokenizer's vocabulary", file=sys.stderr)
-    return DEMO_TOKENIZER
-
-
-def _merges(tok_dir: Path) -> list[str]:
-    if (tok_dir / "merges.txt").is_file():
-        lines = (tok_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
-        return [ln for n, ln in enumerate(lines) if ln and not (n == 0 and ln.startswith("#version"))]
-    merges = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
-    return [m if isinstance(m, str) else " ".join(m) for m in merges]
-
-
-def add_vocab(writer, gguf, ckpt: Path, vocab_size: int) -> None:  # noqa: ANN001
-    from tianying.tokenizer import Tokenizer
-
-    tok_dir = _tokenizer_dir(ckpt)
-    tok = Tokenizer.from_dir(tok_dir)
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise BenchError(f"{tok_dir}: the tokenizer has ids up to {max(vocab.values())}, beyond the model's "
-                         f"vocab_size {vocab_size}")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    specials = set(tok.special_tokens.values())
-    for t, i in vocab.items():
-        tokens[i] = t
-        types[i] = int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(tok_dir))
-    writer.add_bos_token_id(tok.bos_id)
-    writer.add_eos_token_id(tok.eos_id)
-    writer.add_pad_token_id(tok.pad_id)
-    writer.add_add_bos_token(False)  # tianying's encode() adds BOS only when asked (the HF Aquila2 behaviour)
-
-
-def export_gguf(gguf, ckpt: Path, out: Path) -> dict:  # noqa: ANN001
-    """Write `ckpt` as a GGUF f32 file; return a few facts about the model."""
-    import torch
-
-    from tianying.checkpoint import load_model
-
-    model, cfg = load_model(ckpt, dtype=torch.float32)
-    sd = model.state_dict()
-    n_params = sum(t.numel() for t in sd.values())
-    w = gguf.GGUFWriter(out, "llama")
-    w.add_name(f"tianying-{cfg.name}")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
-    elif kind is not None:
-        print(f"note: rope_scaling {kind!r} is not exported; llama.cpp runs unscaled RoPE (speed is unaffected)",
-              file=sys.stderr)
-    if cfg.logn_attention or cfg.attention_window is not None:
-        print("note: LogN / windowed attention are not exported; llama.cpp runs plain causal attention",
-              file=sys.stderr)
-    add_vocab(w, gguf, ckpt, cfg.vocab_size)
-
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    names = dict(top)
-    for i in range(cfg.n_layer):
-        names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in layer.items()})
-    unknown = [n for n in sd if n not in names]
-    missing = [n for n in names if n not in sd]
-    if unknown or missing:
-        raise BenchError(f"{ckpt}: tensors without a GGUF name {unknown[:3]} / missing {missing[:3]}")
-    for name, gname in names.items():
-        t = sd[name].detach().float()
-        if name.endswith("q_proj.weight"):
-            t = permute_rotary(t, cfg.n_head)
-        elif name.endswith("k_proj.weight"):
-            t = permute_rotary(t, cfg.n_kv_head)
-        w.add_tensor(gname, t.contiguous().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    del model, sd, w
-    gc.collect()
-    return {"name": cfg.name, "n_params": n_params, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "n_layer": cfg.n_layer}
+    if not ((ckpt / "tokenizer.json").is_file() or (ckpt / "vocab.json").is_file()):
+        raise BenchError(f"{ckpt} has no tokenizer files (the GGUF needs its vocabulary)")
+    cfg = load_config(ckpt)
+    write(ckpt, out, quant="f32")
+    return {"name": cfg.name, "n_params": cfg.n_params, "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "n_layer": cfg.n_layer}
 
 
 def random_checkpoint(name: str, out: Path) -> Path:
@@ -230,10 +122,11 @@ def quantize(bins: dict[str, Path], f32: Path, variant: str, out_dir: Path, thre
     return out
 
 
-def tensor_types(gguf, path: Path) -> str:  # noqa: ANN001
+def tensor_types(path: Path) -> str:
     """'blocks / output / token_embd' matrix types, e.g. 'q4_0 / q6_K / q4_0'."""
-    r = gguf.GGUFReader(path)
-    kinds = {t.name: t.tensor_type.name for t in r.tensors}
+    from tianying.gguf_io import iter_types
+
+    kinds = dict(iter_types(path))
     blk = sorted({v for k, v in kinds.items() if k.startswith("blk.") and not k.endswith("norm.weight")})
     return f"{'+'.join(blk)} / {kinds.get('output.weight', '-')} / {kinds.get('token_embd.weight', '-')}"
 
@@ -291,7 +184,6 @@ def main() -> None:
         args.config = "small"
 
     bins = find_binaries(args.llama_cpp)
-    gguf = import_gguf(args.llama_cpp)
     with tempfile.TemporaryDirectory(prefix="tianying-llama-cpp-") as tmp:
         out_dir = args.keep or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +196,7 @@ def main() -> None:
             ckpt = random_checkpoint(args.config, Path(tmp) / "checkpoint")
         f32 = out_dir / "model-f32.gguf"
         print(f"exporting {ckpt} -> {f32}...", file=sys.stderr)
-        info = export_gguf(gguf, ckpt, f32)
+        info = export_gguf(ckpt, f32)
         if args.checkpoint is None:
             shutil.rmtree(ckpt)  # only the GGUF files are needed from here on
 
@@ -314,7 +206,7 @@ def main() -> None:
             print(f"llama-bench {v} (tg{args.tokens}, {args.threads} threads, {args.repeats} reps)...",
                   file=sys.stderr)
             r = bench(bins, path, args)
-            results.append({"variant": v, "types": tensor_types(gguf, path),
+            results.append({"variant": v, "types": tensor_types(path),
                             "file_mib": round(path.stat().st_size / 2**20, 1), **r})
 
     model = str(args.checkpoint) if args.checkpoint is not None else f"{args.config} (random, seed 0)"

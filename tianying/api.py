@@ -45,7 +45,7 @@ class LLM:
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
              template: str | Path | None = None, lora: str | Path | None = None, quantize: str | None = None,
              memory_limit: str | int | None = None, check_weights: bool = False) -> LLM:
-        """Load a checkpoint directory (Hugging Face or FlagAI layout) with its tokenizer.
+        """Load a checkpoint directory (Hugging Face or FlagAI layout) or a `.gguf` file, with its tokenizer.
 
         Args:
             dtype: "fp32" | "bf16" | "fp16" or a torch dtype; None → fp32 on CPU, the checkpoint's dtype on GPU.
@@ -62,6 +62,8 @@ class LLM:
         path = Path(path)
         if not path.exists():
             raise TianyingError(f"checkpoint directory {path} does not exist")
+        if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):  # in memory (tianying.gguf_io)
+            return cls._load_gguf(path, device, dtype, template, lora, quantize, memory_limit)
         if not path.is_dir():
             raise TianyingError(f"{path} is not a checkpoint directory")
         from tianying.quantize.format import is_quantized_checkpoint
@@ -89,6 +91,29 @@ class LLM:
         if tokenizer.vocab_size > config.vocab_size:
             raise TianyingError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                                 f"{config.vocab_size} embedding rows")
+        return cls(model, tokenizer, config, template=template, path=path)
+
+    @classmethod
+    def _load_gguf(cls, path: Path, device, dtype, template, lora, quantize, memory_limit) -> LLM:
+        from tianying.gguf_io import load_gguf
+
+        if memory_limit:
+            raise TianyingError("memory_limit is not supported for GGUF files; convert it first (tianying convert)")
+        model, config, tokenizer = load_gguf(path, device=device, dtype=dtype, dequantize=bool(quantize))
+        if quantize:
+            from tianying.quantize import apply_quantization
+
+            apply_quantization(model, quantize)
+        if lora is not None:
+            from tianying.lora import apply_adapter
+
+            apply_adapter(model, lora)
+        if template is None and not config.chat_template and getattr(tokenizer, "chat_template", None):
+            from tianying.templates import template_from_source
+
+            roles = {f"{r}_token": tokenizer.id_to_token(i) for r, i in
+                     (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)) if i is not None}
+            template = template_from_source(tokenizer.chat_template, path.stem, roles)  # the file's own
         return cls(model, tokenizer, config, template=template, path=path)
 
     @property
@@ -184,6 +209,12 @@ class LLM:
     def _pad_id(self) -> int:
         pad = self.config.pad_token_id
         return 0 if pad is None else int(pad)
+
+
+def _is_gguf(path: Path) -> bool:
+    from tianying.gguf_io import is_gguf
+
+    return is_gguf(path)
 
 
 def _legacy_cleanup(text: str) -> str:

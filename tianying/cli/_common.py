@@ -6,7 +6,7 @@ import argparse
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (Hugging Face or FlagAI layout)")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (HF or FlagAI layout) or .gguf file")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weight/activation dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
