@@ -155,12 +155,34 @@ class LLM:
         return self.generate_batch([self.encode_prompt(p, bos=bos) for p in prompt], params)
 
     def chat(self, messages: Sequence[dict], template: Any = None, *, stream: bool = False,
-             **sampling: Any) -> str | Iterator[str]:
+             tools: Sequence[dict] | None = None, tool_choice: Any = None, response_format: dict | None = None,
+             **sampling: Any) -> Any:
         """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template (or
-        `template`: a name or a Jinja file). Special-token strings inside the messages stay plain text."""
+        `template`: a name or a Jinja file). Special-token strings inside the messages stay plain text.
+
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": …}})
+        constrains the reply to JSON (of the schema). With OpenAI-style `tools` the result is a dict
+        {"content": str | None, "tool_calls": [tianying.tools.ToolCall]} instead of a string; `tool_choice`
+        "required" or {"type": "function", "function": {"name": …}} makes the reply a valid call.
+        """
+        from tianying import tools as tl
         from tianying.templates import encode_chat
 
         tpl = _default_template(self.config, self.path, template) if template is not None else self.template
+        grammar = tl.response_grammar(response_format)
+        fns = tl.functions(tools)
+        mode, allowed = tl.chosen(tool_choice, fns)
+        if fns:
+            if stream:
+                raise TianyingError("stream=True does not combine with tools (the reply is parsed when complete)")
+            messages = tl.prepare(list(messages), fns, mode)
+            if mode == "required":
+                grammar = ("json_schema", tl.call_schema(allowed))
+            text = self.chat(messages, template, grammar=grammar, **sampling)
+            content, calls = tl.parse_reply(text, allowed, mode == "required") if mode != "none" else (text, [])
+            return {"content": content, "tool_calls": calls}
+        if grammar is not None:
+            sampling["grammar"] = grammar
         # the seed's predict() appends one space after the rendered prompt
         ids = encode_chat(self.tokenizer, list(messages), tpl, suffix=" " if sampling.get("legacy") else "")
         stops = sampling.pop("stop", None) or []
@@ -185,7 +207,7 @@ class LLM:
         texts = {r.id: "" for r in reqs}
         for r, ev in self.engine.run(reqs):
             if ev.error:
-                raise TianyingError(f"generation failed: {ev.error}")
+                raise _event_error(ev)
             texts[r.id] += ev.text
         return [_legacy_cleanup(texts[r.id]) if params.legacy else texts[r.id] for r in reqs]
 
@@ -195,7 +217,7 @@ class LLM:
         first = params.legacy  # the seed drops a single leading space of the reply
         for _, ev in self.engine.run([Request(list(prompts[0]), params)]):
             if ev.error:
-                raise TianyingError(f"generation failed: {ev.error}")
+                raise _event_error(ev)
             piece = ev.text
             if first and piece:
                 piece, first = (piece[1:] if piece.startswith(" ") else piece), False
@@ -215,6 +237,13 @@ def _is_gguf(path: Path) -> bool:
     from tianying.gguf_io import is_gguf
 
     return is_gguf(path)
+
+
+def _event_error(ev) -> TianyingError:  # noqa: ANN001 - a tianying.engine.Event with an error
+    from tianying.generate import GenerationError
+
+    # the request's own fault (values, grammar) is a GenerationError naming it; anything else says it failed
+    return GenerationError(ev.error) if ev.status < 500 else TianyingError(f"generation failed: {ev.error}")
 
 
 def _legacy_cleanup(text: str) -> str:

@@ -42,6 +42,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k ≥ 0: the sampled token's log-probability and the top k
     prompt_logprobs: bool = False  # also score every prompt token (OpenAI's `echo` with logprobs)
     n: int = 1  # independent completions of one prompt (they share its KV cache)
+    # constrained decoding: ("json_schema", schema JSON) | ("json_object", None) | ("regex", pattern) |
+    # ("lark", grammar); only tokens that keep the output inside the language can be sampled (tianying.engine)
+    grammar: tuple[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -67,6 +70,9 @@ class SamplingParams:
             raise GenerationError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.n < 1:
             raise GenerationError(f"n must be ≥ 1, got {self.n}")
+        if self.grammar is not None and self.grammar[0] not in ("json_schema", "json_object", "regex", "lark"):
+            raise GenerationError(f"grammar kind must be json_schema, json_object, regex or lark, got "
+                                  f"{self.grammar[0]!r}")
         if self.seed is not None and not -(2**63) <= int(self.seed) < 2**64:
             raise GenerationError(f"seed must fit in 64 bits, got {self.seed}")
         if self.legacy and self.temperature == 0:  # the seed's predict(): greedy as top-1 sampling
@@ -83,7 +89,7 @@ class SamplingParams:
         """Argmax of the raw logits: no processor changes which token wins."""
         return (self.temperature == 0 and self.repetition_penalty == 1.0 and self.min_new_tokens == 0
                 and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias
-                and not self.legacy)
+                and not self.legacy and self.grammar is None)
 
 
 # ---------------------------------------------------------------------------------------------- processors

@@ -177,6 +177,11 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ vocabulary
     @property
+    def backend(self):  # noqa: ANN201 - tokenizers.Tokenizer
+        """The `tokenizers` object underneath (for libraries that take one, e.g. constrained decoding)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids including the added special tokens (100008 for the real Aquila tokenizer)."""
         return self._tok.get_vocab_size(with_added_tokens=True)

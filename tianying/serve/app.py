@@ -83,10 +83,9 @@ def _validation_error(e: ValidationError) -> APIError:
 # Sent by common clients (openai-python, LangChain, litellm, web UIs) and harmless to ignore here.
 IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                   "safety_identifier", "stream_options", "verbosity", "reasoning_effort", "modalities",
-                  "prediction", "web_search_options", "functions", "function_call", "tools", "tool_choice"}
+                  "prediction", "web_search_options", "functions", "function_call"}
 # Known to OpenAI but not something we can do; a silent ignore would return something the client did not ask
-UNSUPPORTED_FIELDS = {"audio": "audio output", "suffix": "insertion (suffix)", "response_format": "response_format",
-                      "best_of": "best_of > 1"}
+UNSUPPORTED_FIELDS = {"audio": "audio output", "suffix": "insertion (suffix)", "best_of": "best_of > 1"}
 
 
 class _Body(BaseModel):
@@ -104,9 +103,11 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -144,6 +145,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -156,7 +161,7 @@ def _unknown_fields(req: _Body) -> list[str]:
     """Fields to name in the Warning header; raises for fields we cannot honour."""
     names = list(req.extras())
     for m in getattr(req, "messages", None) or ():
-        names += [f"messages.{x}" for x in m.extras() if x not in ("tool_calls", "refusal", "audio")]
+        names += [f"messages.{x}" for x in m.extras() if x not in ("refusal", "audio")]
     for f in names:
         if f in UNSUPPORTED_FIELDS:
             raise APIError(400, f"'{f}' is not supported by this server ({UNSUPPORTED_FIELDS[f]}).", param=f,
@@ -260,19 +265,36 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
         check_key(request)
         req = await _parse(request, ChatCompletionRequest, max_body_bytes)
         warn = _unknown_fields(req)
+        from tianying import tools as tl
+
+        try:
+            fns = tl.functions(req.tools)
+            mode, allowed = tl.chosen(req.tool_choice, fns)
+            grammar = tl.response_grammar(req.response_format)
+        except tl.ToolError as e:
+            param = "tools" if str(e).startswith("tools") else "tool_choice" if "tool_choice" in str(e) \
+                else "response_format"
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        parallel = bool(req.parallel_tool_calls)
+        if mode == "required":  # the reply is the call itself, decoded under its JSON schema
+            grammar = ("json_schema", tl.call_schema(allowed, parallel))
         messages = []
         for i, m in enumerate(req.messages):
             if m.content is None and m.role != "assistant":
                 raise APIError(400, f"'messages.{i}.content' may be null only in assistant messages.",
                                param=f"messages.{i}.content", code="invalid_value")
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
-        try:  # special-token strings in the messages are encoded as text: only the template writes control tokens
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                             "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id, "name": m.name})
+        messages = tl.prepare(messages, fns, mode)
+        try:
             from tianying.templates import encode_chat
 
-            # a long prompt must not stall streams
-            ids = await asyncio.to_thread(encode_chat, llm.tokenizer, messages, template)
+            ids = await asyncio.to_thread(encode_chat, llm.tokenizer, messages, template)  # must not stall streams
         except TianyingError as e:
             raise APIError(400, str(e), param="messages", code="invalid_messages") from None
+        if not ids:
+            raise APIError(400, "'messages' is empty (it encodes to no tokens).", param="messages",
+                           code="invalid_value")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if req.top_logprobs is not None and not req.logprobs:
@@ -280,8 +302,9 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
                            code="invalid_value")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(llm, req, len(ids), max_tokens, param, "messages", context,
-                         extra_stops=template.stop_strings, logprobs=logprobs)
-        job = _Job(engine, llm, [ids], params, f"chatcmpl-{uuid.uuid4().hex}", name, "chat", warn)
+                         extra_stops=template.stop_strings, logprobs=logprobs, grammar=grammar)
+        job = _Job(engine, llm, [ids], params, f"chatcmpl-{uuid.uuid4().hex}", name, "chat", warn,
+                   tools=(mode, allowed, mode == "required", parallel) if mode != "none" else None)
         if req.stream:
             return job.stream(request, bool(req.stream_options and req.stream_options.include_usage))
         return await job.complete(request)
@@ -400,7 +423,7 @@ def _encode(llm, text: str, param: str) -> list[int]:
 
 def _params(llm, req: _Sampling, n: int, max_tokens: int | None, param: str, prompt_param: str, context: int,
             extra_stops: tuple[str, ...] = (), logprobs: int | None = None, echo: bool = False,
-            allow_zero: bool = False):
+            allow_zero: bool = False, grammar: tuple | None = None):
     """SamplingParams for a request, with OpenAI's context-length checks and messages."""
     if n >= context and not (allow_zero and max_tokens == 0):
         raise APIError(400, f"This model's maximum context length is {context} tokens. However, your prompt is "
@@ -434,7 +457,7 @@ def _params(llm, req: _Sampling, n: int, max_tokens: int | None, param: str, pro
                                    repetition_penalty=req.repetition_penalty or 1.0,
                                    stop=list(extra_stops) + stops, presence_penalty=req.presence_penalty or 0.0,
                                    frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
-                                   logprobs=logprobs, prompt_logprobs=echo, n=req.n or 1)
+                                   logprobs=logprobs, prompt_logprobs=echo, n=req.n or 1, grammar=grammar)
     except TianyingError as e:  # SamplingParams' messages start with the field they are about
         field = str(e).split(" ", 1)[0]
         raise APIError(400, str(e), param=field if field in type(req).model_fields else None,
@@ -451,8 +474,10 @@ class _Job:
     """One HTTP request's generations (one per prompt and choice) on the engine, and their OpenAI shapes."""
 
     def __init__(self, engine: Engine, llm, all_ids: list[list[int]], params, rid: str, model: str, kind: str,
-                 warn: list[str], echo: bool = False, prompt_texts: list[str | None] | None = None) -> None:
+                 warn: list[str], echo: bool = False, prompt_texts: list[str | None] | None = None,
+                 tools: tuple | None = None) -> None:
         self.engine, self.llm, self.all_ids, self.params = engine, llm, all_ids, params
+        self.tools = tools  # (mode, functions, constrained, parallel) when the reply may call tools
         self.rid, self.model, self.kind, self.warn, self.echo = rid, model, kind, warn, echo
         self.prompt_texts = prompt_texts or [None] * len(all_ids)
         self.n = params.n
@@ -541,6 +566,23 @@ class _Job:
         return out
 
     # ------------------------------------------------------------------ responses
+    def message(self, text: str, finish: str | None) -> tuple[dict, str | None]:
+        """The assistant message (content or tool calls) of a finished reply, and its finish reason."""
+        msg = {"role": "assistant", "content": text, "refusal": None}
+        if self.tools is None:
+            return msg, finish
+        from tianying import tools as tl
+
+        _, fns, constrained, parallel = self.tools
+        try:
+            content, calls = tl.parse_reply(text, fns, constrained, parallel)
+        except tl.ToolError:  # a constrained call cut off by max_tokens: the text as it is
+            return msg, finish
+        if not calls:
+            return msg, finish
+        msg.update(content=content, tool_calls=[c.openai() for c in calls])
+        return msg, "tool_calls"
+
     def _prompt_text(self, i: int) -> str:
         t = self.prompt_texts[i]
         return t if t is not None else self.llm.tokenizer.decode(self.all_ids[i])
@@ -569,9 +611,11 @@ class _Job:
         usage = _usage(sum(map(len, self.all_ids)), sum(done), sum(cached))
         want = self.params.logprobs is not None
         if self.kind == "chat":
-            choices = [{"index": c, "message": {"role": "assistant", "content": texts[c], "refusal": None},
-                        "logprobs": self.chat_logprobs(lps[c]) if want else None, "finish_reason": finish[c]}
-                       for c in range(count)]
+            choices = []
+            for c in range(count):
+                message, reason = self.message(texts[c], finish[c])
+                choices.append({"index": c, "message": message,
+                                "logprobs": self.chat_logprobs(lps[c]) if want else None, "finish_reason": reason})
             body = {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
                     "choices": choices, "usage": usage, "system_fingerprint": None}
         else:
@@ -613,10 +657,25 @@ class _Job:
                 elif self.echo:
                     for c in range(count):
                         yield chunk(c, self._prompt_text(c // self.n), None)
+                held = [""] * count  # with tools, a reply is only known to be text or calls once complete
                 async for c, ev in self.events(request):
                     if ev.error:
                         yield {"error": self.error(ev).body()["error"]}
                         return
+                    if self.tools is not None:
+                        held[c] += ev.text
+                        done[c] = ev.completion_tokens
+                        if ev.finish_reason:
+                            msg, reason = self.message(held[c], ev.finish_reason)
+                            if msg.get("tool_calls"):
+                                ch = chunk(c, None, None)
+                                ch["choices"][0]["delta"] = {"tool_calls": [
+                                    {"index": i, **tc} for i, tc in enumerate(msg["tool_calls"])]}
+                                yield ch
+                            if msg.get("content"):
+                                yield chunk(c, msg["content"], None)
+                            yield chunk(c, None, reason)
+                        continue
                     done[c] = ev.completion_tokens
                     cached[c // self.n] = max(cached[c // self.n], ev.cached_tokens)
                     lp = None
