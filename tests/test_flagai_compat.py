@@ -33,8 +33,9 @@ S = ("A chat between a curious human and an artificial intelligence assistant. "
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """./checkpoints/aquilachat2-7b: FlagAI's download folder is the lower-cased model name."""
-    from tianying.checkpoint import save_hf
+    """./checkpoints/aquilachat2-7b (HF layout; FlagAI's download folder is the lower-cased model name) and
+    ./checkpoints/aquilachat-7b (FlagAI's v1 native layout), the same random weights."""
+    from tianying.checkpoint import save_flagai, save_hf
     from tianying.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
@@ -42,7 +43,9 @@ def model_dir(tmp_path_factory):
                                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                                                 initializer_range=0.2, max_position_embeddings=256)
     root = tmp_path_factory.mktemp("checkpoints")
-    save_hf(build_model(cfg, seed=0), cfg, root / "aquilachat2-7b", tokenizer_dir=FIXTURE_TOKENIZER)
+    model = build_model(cfg, seed=0)
+    save_hf(model, cfg, root / "aquilachat2-7b", tokenizer_dir=FIXTURE_TOKENIZER)
+    save_flagai(model, cfg, root / "aquilachat-7b", tokenizer_dir=FIXTURE_TOKENIZER)
     return root
 
 
@@ -201,7 +204,8 @@ def test_runs_on_cpu_when_the_script_asks_for_cuda(loader):
 
 
 def test_v1_predictor_randomsample(model_dir, monkeypatch):
-    loader = AutoLoader("lm", model_name="AquilaChat2-7B", model_dir=str(model_dir), use_cache=True, fp16=True)
+    loader = AutoLoader("lm", model_name="aquilachat-7b", model_dir=str(model_dir), use_cache=True, fp16=True)
+    assert (model_dir / "aquilachat-7b" / "pytorch_model.bin").is_file()
     model, tok = loader.get_model(), loader.get_tokenizer()
     predictor = Predictor(model, tok)
     text = "北京是中国的"
