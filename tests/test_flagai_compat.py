@@ -69,11 +69,12 @@ def captured(monkeypatch):
     return calls
 
 
-def script(monkeypatch, tok, text: str, then_eos: bool = True) -> list[int]:
+def script(monkeypatch, tok, text: str, then_eos: bool = True, delay: float = 0.0) -> list[int]:
     """Make the engine emit the plain-text tokens of `text` (then EOS), whatever the model's logits."""
     ids = tok.encode_plain(text) + ([tok.eos_id] if then_eos else [])
 
     def forced(logits, params, seen=None, n_generated=0):
+        time.sleep(delay)
         out = torch.full_like(logits, float("-inf"))
         out[:, ids[min(n_generated, len(ids) - 1)]] = 0.0
         return out
@@ -296,12 +297,17 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def server(loader):
+def app(loader):
     from tianying.serve.app import create_app
     from tianying.serve.flagai_api import add_flagai_routes
 
     app = create_app(loader.llm)
     add_flagai_routes(app, loader.llm)
+    return app
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with running(app) as url:
         yield url
 
@@ -383,6 +389,19 @@ def test_stream_func_text_plain_in_pieces(server, loader, monkeypatch):
     script(monkeypatch, tok, "一二三", then_eos=False)
     r = post(server + "/stream_func", {"prompt": "数数", "max_new_tokens": len(tok.encode_plain("一二三"))})
     assert r.text == "一二三"
+
+
+def test_stream_func_client_gone_frees_the_engine(server, app, loader, monkeypatch):
+    tok = loader.get_tokenizer()
+    script(monkeypatch, tok, "一二三四五六七八九十" * 30, then_eos=False, delay=0.05)  # 150 tokens: 7.5 s
+    engine = app.state.engine
+    before = engine.stats()["cancelled"]
+    with post(server + "/stream_func", {"prompt": "数数", "max_new_tokens": 150}, stream=True) as r:
+        assert r.status_code == 200 and next(r.iter_content(chunk_size=None))
+    deadline = time.time() + 3
+    while engine.stats()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats()["running"] == 0 and engine.stats()["cancelled"] == before + 1
 
 
 def test_cli_flag_registers_the_routes(monkeypatch, model_dir):

@@ -148,13 +148,18 @@ async def _events(engine, ids: list[int], params, request: Request) -> AsyncIter
         raise APIError(503, f"The server is overloaded ({e}); retry later.", code="overloaded") from None
     except TianyingError as e:
         raise APIError(400, str(e), code="invalid_value") from None
+    checked = time.monotonic()
     try:
         while True:
             try:
                 ev = await asyncio.wait_for(queue.get(), timeout=0.25)
             except TimeoutError:
+                ev = None
+            if ev is None or time.monotonic() - checked > 0.25:  # also while events keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
+            if ev is None:
                 continue
             if ev.error:
                 if ev.status < 500:
