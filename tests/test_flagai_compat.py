@@ -120,6 +120,8 @@ def test_template_chosen_by_model_name(loader, captured, name, prompt):
     ids, _ = captured[-1]
     assert tok.decode(ids) == prompt
     assert not any(t == tok.bos_id for t in ids)  # predict() adds no BOS
+    for marker in ("<|startofpiece|>", "<|endofpiece|>"):  # the template's markers are control tokens
+        assert (tok.token_to_id(marker) in ids) == (marker in prompt)
 
 
 def test_convo_template_overrides_and_loaded_name_is_the_default(loader, captured):
