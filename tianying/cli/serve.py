@@ -46,6 +46,9 @@ def register(sub) -> None:
                         "closed after it (default: 10)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",
                    help="open connections at most; more get 503 (default: 256)")
+    p.add_argument("--flagai-api", action="store_true",
+                   help="also serve FlagAI's Aquila server routes, POST /func and /stream_func (its request and "
+                        "response shapes; see tianying.serve.flagai_api)")
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in responses (default: the checkpoint's folder name)")
     p.set_defaults(func=run)
@@ -85,6 +88,10 @@ def run(args) -> int:
     app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency,
                      prefix_cache_bytes=args.prefix_cache << 20, prefill_chunk=args.prefill_chunk,
                      allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None, allowed_origins=origins)
+    if args.flagai_api:
+        from tianying.serve.flagai_api import add_flagai_routes
+
+        add_flagai_routes(app, llm, api_key=args.api_key, model_name=args.model_name)
     auth = "API key required" if args.api_key else "no API key"
     print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
