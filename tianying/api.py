@@ -59,6 +59,7 @@ class LLM:
         from tianying.checkpoint import load_model
         from tianying.tokenizer import Tokenizer
 
+        check_device(device)
         path = Path(path)
         if not path.exists():
             raise TianyingError(f"checkpoint directory {path} does not exist")
@@ -237,6 +238,25 @@ def _is_gguf(path: Path) -> bool:
     from tianying.gguf_io import is_gguf
 
     return is_gguf(path)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or one line saying why this torch cannot use it."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TianyingError(f"device {device!r} is not a device torch knows ({e})") from None
+    if d.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise TianyingError(f"device {device!r}: this torch ({torch.__version__}) was built without CUDA; "
+                                "install a CUDA build of torch, or use --device cpu")
+        if not torch.cuda.is_available():
+            raise TianyingError(f"device {device!r}: torch sees no CUDA GPU here")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise TianyingError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise TianyingError(f"device {device!r}: MPS is not available in this torch on this machine")
+    return d
 
 
 def _event_error(ev) -> TianyingError:  # noqa: ANN001 - a tianying.engine.Event with an error

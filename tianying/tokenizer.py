@@ -200,7 +200,7 @@ class Tokenizer:
         """Token ids of `text`; BOS (`[CLS]`) / EOS (`</s>`) only when asked, as HF Aquila2 does."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(valid_unicode(text), add_special_tokens=False).ids
         return self._bos(bos) + ids + self._eos(eos)
 
     def _bos(self, want: bool) -> list[int]:
@@ -220,6 +220,7 @@ class Tokenizer:
         normaliser, pre-tokenizer and BPE model directly, as transformers' `_encode_without_added_tokens` does.
         """
         tok = self._tok
+        text = valid_unicode(text)
         if tok.normalizer is not None:
             text = tok.normalizer.normalize_str(text)
         splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)] if tok.pre_tokenizer is not None else [text]
@@ -318,6 +319,18 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (invalid Unicode: from undecodable bytes in argv, or `\\ud800` escapes in JSON)
+    replaced by U+FFFD, with one warning; `tokenizers` would refuse the whole string."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        warnings.warn("the text holds invalid Unicode (lone surrogates); they were replaced by U+FFFD",
+                      stacklevel=3)
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
 class StreamDecoder:
