@@ -7,17 +7,15 @@ engine emit chosen tokens) test the cuts FlagAI applies to the text.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-import uvicorn
+from helpers import running  # noqa: E402, I001
 
 import tianying.compat.flagai as flagai
 import tianying.engine
@@ -281,23 +279,6 @@ def test_autoloader_lora_dir_matches_peft(model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- server
-@contextlib.contextmanager
-def running(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def app(loader):
     from tianying.serve.app import create_app

@@ -26,19 +26,12 @@ def test_server_refuses_a_lone_surrogate_escape_in_one_line(tmp_path):
     import json
 
     import httpx
-    from test_serve import running
+    from helpers import running, tiny_chat_checkpoint
 
     from tianying.api import LLM
-    from tianying.checkpoint import save_hf
-    from tianying.config import Config
-    from tianying.model import build_model
     from tianying.serve.app import create_app
 
-    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
-    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                                                max_position_embeddings=128)
-    save_hf(build_model(cfg, seed=0), cfg, tmp_path / "m", tokenizer_dir=FIXTURE_TOKENIZER)
-    with running(create_app(LLM.load(tmp_path / "m"))) as url:
+    with running(create_app(LLM.load(tiny_chat_checkpoint(tmp_path / "m")))) as url:
         body = '{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'
         r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         err = json.loads(r.text)["error"]  # JSON that is not valid Unicode: the parser's one line, a 400

@@ -4,7 +4,6 @@ API keys, disconnects; and the engine's scheduler against single-request generat
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import socket
 import subprocess
@@ -18,9 +17,8 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from helpers import running, tiny_chat_checkpoint  # noqa: E402, I001
 
-from tianying.config import Config
 from tianying.engine import Engine, Request
 from tianying.model import build_model
 from tianying.serve.app import create_app
@@ -33,17 +31,7 @@ HELLO = [{"role": "user", "content": "你好，介绍一下北京。"}]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from tianying.checkpoint import save_hf
-    from tianying.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
-    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                                                chat_template="aquila-chat", initializer_range=0.2,
-                                                max_position_embeddings=CONTEXT)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(build_model(cfg, seed=0), cfg, out, tokenizer_dir=FIXTURE_TOKENIZER)
-    return out
+    return tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-chat", context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +39,6 @@ def llm(ckpt):
     from tianying.api import LLM
 
     return LLM.load(ckpt)
-
-
-@contextlib.contextmanager
-def running(app):
-    """uvicorn in a thread on a free port; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -321,13 +291,9 @@ def test_idle_and_slowloris_connections_are_cut_off(llm):
     arrived in full within --header-timeout, idle or trickling, and still serves everyone else."""
     from tianying.serve.http import config
 
-    server = uvicorn.Server(config(create_app(llm), "127.0.0.1", 0, header_timeout=1.0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    app = create_app(llm)
+    with running(app, config(app, "127.0.0.1", 0, header_timeout=1.0, log_level="warning")) as base:
+        port = int(base.rsplit(":", 1)[1])
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
         slow = socket.create_connection(("127.0.0.1", port))
         t0 = time.time()
@@ -352,9 +318,6 @@ def test_idle_and_slowloris_connections_are_cut_off(llm):
             assert s.recv(1) == b""  # closed by the server, not by us
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert r.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_unknown_route_is_an_openai_error(server):

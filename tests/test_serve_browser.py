@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import fastapi  # noqa: F401 - dev dependencies; only a missing browser skips this test
 import pytest
 import selenium  # noqa: F401
-import uvicorn
-
-from tianying.config import Config
-from tianying.model import build_model
+from helpers import running, tiny_chat_checkpoint  # noqa: E402, I001
 
 FIXTURE_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
 KEY = "sk-browser"
@@ -42,17 +38,9 @@ if not (BROWSER and DRIVER):
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     from tianying.api import LLM
-    from tianying.checkpoint import save_hf
     from tianying.serve.app import create_app
-    from tianying.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
-    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                                                chat_template="aquila-v1", initializer_range=0.2,
-                                                max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("ckpt") / "browser-tiny"
-    save_hf(build_model(cfg, seed=0), cfg, out, tokenizer_dir=FIXTURE_TOKENIZER)
+    out = tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "browser-tiny", template="aquila-v1", context=512)
     llm = LLM.load(out)
     real_forward = llm.model.forward
 
@@ -61,17 +49,8 @@ def url(tmp_path_factory):
         return real_forward(*a, **kw)
 
     llm.model.forward = slow_forward
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, api_key=KEY), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with running(create_app(llm, api_key=KEY)) as u:
+        yield u
 
 
 @pytest.fixture(scope="module")

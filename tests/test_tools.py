@@ -10,6 +10,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from helpers import running, tiny_chat_checkpoint  # noqa: E402, I001
 
 from tianying import tools as tl
 from tianying.engine import Engine, Request
@@ -33,23 +34,9 @@ ASK = [{"role": "user", "content": "北京明天天气怎么样？"}]
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from pathlib import Path
-
     from tianying.api import LLM
-    from tianying.checkpoint import save_hf
-    from tianying.config import Config
-    from tianying.model import build_model
-    from tianying.tokenizer import Tokenizer
 
-    fixture = Path(__file__).parent / "data" / "tokenizer"
-    tok = Tokenizer.from_dir(fixture)
-    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                                                chat_template="aquila-chat", initializer_range=0.2,
-                                                max_position_embeddings=1024)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-chat"
-    save_hf(build_model(cfg, seed=0), cfg, out, tokenizer_dir=fixture)
-    return LLM.load(out)
+    return LLM.load(tiny_chat_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-chat", context=1024))
 
 
 def test_named_function_arguments_validate_on_20_seeds(llm):
@@ -158,8 +145,6 @@ def test_aquilachat_tags_become_tool_calls_and_reach_handlers():
 # ---------------------------------------------------------------------------------------------- clients
 @pytest.fixture(scope="module")
 def url(llm):
-    from test_serve import running
-
     from tianying.serve.app import create_app
 
     with running(create_app(llm)) as u:
