@@ -12,7 +12,9 @@ import warnings
 from pathlib import Path
 
 COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens", "elapsed_s", "loss_scale",
-           "val_loss", "val_ppl"]
+           "val_loss", "val_ppl",
+           # preference training (tianying.train.preference): means over the logged steps' pairs
+           "reward_margin", "reward_acc", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"]
 
 
 class MetricsLogger:
