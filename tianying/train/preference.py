@@ -160,7 +160,8 @@ class PreferenceObjective:
                  simpo_gamma: float = 0.5, reference: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if loss_type not in LOSSES:
             raise ValueError(f"loss {loss_type!r}: expected one of {', '.join(LOSSES)}")
-        self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma = loss_type, beta, label_smoothing, simpo_gamma
+        self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
+        self.simpo_gamma = simpo_gamma
         self.reference = reference
 
     def units(self, batch: dict) -> int:
@@ -212,17 +213,6 @@ def precompute_reference(pairs: Sequence[PreferencePair], reference: Callable[[t
         logps = sequence_logps(logits, batch["labels"].to(device))[0].cpu()
         for k, p in enumerate(chunk):
             p.ref = (float(logps[k]), float(logps[len(chunk) + k]))
-
-
-def lora_reference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The LoRA model's base as the reference: the same weights with the adapters off (no copy)."""
-    from tianying.lora import adapters_disabled
-
-    def ref(ids: torch.Tensor) -> torch.Tensor:
-        with adapters_disabled(model):
-            return model(ids)
-
-    return ref
 
 
 def frozen_reference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
