@@ -449,7 +449,6 @@ def test_document_ids_and_isolated_pretraining(corpus, tmp_path):
     import torch.nn.functional as F
 
     from tianying.data.pack import collate_packed_docs, document_ids
-    from tianying.model import build_model
 
     assert document_ids(np.array([[5, 2, 1, 7, 2, 1]]), eos_id=2).tolist() == [[0, 0, 1, 1, 1, 2]]
     cfg = cfg_for(corpus, tmp_path / "iso", isolate_docs=True, max_steps=3, save_interval=100, lr=0.0, min_lr=0.0,
