@@ -316,10 +316,12 @@ def _rows(out: Path) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["loss"]]
 
 
-def test_short_dpo_run_learns_a_separable_preference(base, pref_file, tmp_path):
+@pytest.mark.parametrize("policy", ["lora", "qlora"])
+def test_short_dpo_run_learns_a_separable_preference(base, pref_file, tmp_path, policy):
     from tianying.recipes.finetune import run_finetune
 
-    run_finetune(_cfg(base, pref_file, tmp_path / "r", max_steps=12), log=lambda *a: None)
+    run_finetune(_cfg(base, pref_file, tmp_path / "r", max_steps=12, policy=policy, nf4_blocksize=32),
+                 log=lambda *a: None)
     rows = _rows(tmp_path / "r")
     first, last = rows[0], rows[-1]
     assert abs(float(first["reward_margin"])) < 1e-5  # step 1: the policy is the reference (B = 0)

@@ -42,7 +42,7 @@ POLICIES = ("full", "lora", "qlora")
 class FinetuneConfig(TrainConfig):
     method: str = "lora"  # full | lora | qlora | dpo
     checkpoint: str | None = None  # the base model directory (Hugging Face or FlagAI layout, with tokenizer)
-    data: Any = None  # SFT file(s): seed JSON list, JSONL, or OpenAI messages
+    data: Any = None  # SFT or preference file(s)/directories (the forms: tianying.data.sft, record_preference)
     valid_data: Any = None
     template: str | None = None  # chat template; default: the checkpoint's
     seq_length: int = 1024
