@@ -134,7 +134,8 @@ def estimate_memory(mcfg: Config, method: str, batch_size: int, seq_length: int,
     two fp32 moments. Activations, per token per layer, count the tensors autograd keeps: the norm inputs and
     outputs and residual (≈6·d), q/k/v with RoPE (≈2·d + 4·kv), the SwiGLU intermediates (4·f); attention
     probabilities are never stored (SFT batches are right-padded, so attention runs SDPA's fused causal kernel
-    on CPU and GPU alike). LoRA dropout adds a 1-byte mask per wrapped input. With
+    on CPU and GPU alike; isolated packed rows pass a boolean block-diagonal mask, which the fused kernels take
+    too, and the recipe adds its B·T² bytes). LoRA dropout adds a 1-byte mask per wrapped input. With
     activation checkpointing only each layer's input (d) is kept, plus one layer recomputed at a time. The LM
     head adds the logits, their fp32 copy and gradient (3·V per token).
     """
@@ -320,6 +321,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
         est = estimate_memory(mcfg, cfg.weights, cfg.batch_size * (2 if dpo else 1), cfg.seq_length,
                               cfg.precision, cfg.activation_checkpointing, 0 if cfg.weights == "full" else n_train,
                               cfg.lora_dropout)
+        if not dpo and cfg.pack and cfg.pack_isolate:
+            est.activations += cfg.batch_size * cfg.seq_length**2  # the block-diagonal mask, 1 byte per entry
         objective = None
         if dpo:
             objective = _preference_objective(cfg, model, examples, valid_examples, pad, info.device, log)
