@@ -80,7 +80,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in rows]
 
 
-def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
+def plot_loss(csv_path: str | Path, png_path: str | Path, ylabel: str = "loss (nats/token)") -> Path | None:
     """Training (and validation) loss against step; None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -99,7 +99,7 @@ def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
     if valid:
         ax.plot(*zip(*valid), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

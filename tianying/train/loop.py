@@ -623,7 +623,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
             bar.close()
         logger.close()
     if info.is_main and cfg.plot and logger.path.is_file():
-        plot_loss(logger.path, out_dir / "loss.png")
+        plot_loss(logger.path, out_dir / "loss.png", getattr(objective, "loss_label", "loss (nats/token)"))
     return TrainResult(raw, done, last_loss, val_loss, out_dir)
 
 

@@ -155,6 +155,7 @@ class PreferenceObjective:
     """
 
     metrics = METRICS
+    loss_label = "preference loss (mean per pair)"
 
     def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, reference: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
