@@ -440,3 +440,37 @@ def test_a_failing_final_save_keeps_the_old_final(tmp_path):
     S.save_final(final, lambda d: (d.mkdir(), (d / "model.safetensors").write_bytes(b"new")))
     assert (final / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]
+
+
+def test_document_ids_and_isolated_pretraining(corpus, tmp_path):
+    """EOS ends a document; `isolate_docs` trains through the loop with per-document attention, and a step's
+    loss equals the per-document losses computed sample by sample, document by document (step 3's batch holds
+    a document boundary)."""
+    import torch.nn.functional as F
+
+    from tianying.data.pack import collate_packed_docs, document_ids
+
+    assert document_ids(np.array([[5, 2, 1, 7, 2, 1]]), eos_id=2).tolist() == [[0, 0, 1, 1, 1, 2]]
+    cfg = cfg_for(corpus, tmp_path / "iso", isolate_docs=True, max_steps=3, save_interval=100, lr=0.0, min_lr=0.0,
+                  warm_up=0.0)
+    run_pretrain(cfg)  # lr 0: every step's loss is the starting model's on that step's batch
+    got = read_metrics(tmp_path / "iso" / "metrics.csv")[2]["loss"]
+    # the same first batch by hand: each document of each sample alone (positions from 0)
+    from tianying.data.pack import build_pretrain_datasets
+    from tianying.recipes.pretrain import resolve_model
+    from tianying.tokenizer import Tokenizer
+
+    train_ds, _ = build_pretrain_datasets(corpus, None, 32, cfg.seed, cfg.split, 3 * 4)
+    torch.manual_seed(cfg.seed)
+    model, mcfg = resolve_model(cfg.model, cfg.model_args, Tokenizer.from_dir(TOK), cfg.seed, torch.device("cpu"))
+    x, y, docs = StepBatches(train_ds, 4, 1, collate=collate_packed_docs(mcfg.eos_token_id)).get(2)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(4):
+            for d in docs[b].unique():
+                sel = docs[b] == d
+                logits = model(x[b][sel][None])
+                total += float(F.cross_entropy(logits[0], y[b][sel], reduction="sum"))
+                n += int(sel.sum())
+    assert docs.max() > 0  # the batch really holds several documents per sample
+    assert abs(got - total / n) < 1e-4

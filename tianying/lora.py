@@ -17,6 +17,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # see `adapters_disabled`
         self.reset_lora()
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
@@ -200,6 +202,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:  # the base alone: DPO's reference model, with no second copy of the weights
+            return y
         drop = self.lora_dropout
         if isinstance(drop, nn.Dropout) and drop.p > 0 and self.training and torch.is_grad_enabled():
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - drop.p)
@@ -224,6 +228,19 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):  # noqa: ANN201
+    """Within the block every LoRA layer of `model` computes its base layer alone."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:

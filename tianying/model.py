@@ -399,7 +399,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | CacheRows | None = None,
                 positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with `last_only`).
 
         Args:
@@ -407,6 +407,10 @@ class Transformer(nn.Module):
             cache: a KVCache (or rows of one) to append the T tokens to; None for a plain forward.
             positions: [B, T] rotary positions (default: each row's cache length + arange(T), or arange(T)).
             pad_mask: [B, T] bool, False where a token is padding (never attended to); plain forwards only.
+            doc_ids: [B, T] ints, one per packed sample of a row (plain forwards only): a token attends only
+                to earlier tokens of its own sample (a block-diagonal causal mask) and, unless `positions` is
+                given, positions restart at 0 with each sample, so a packed row computes what the samples
+                would alone.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -414,15 +418,17 @@ class Transformer(nn.Module):
         step = None
         start = 0
         if cache is not None:
-            if pad_mask is not None:
-                raise ValueError("pad_mask is for plain forwards; cached rows have their own lengths")
+            if pad_mask is not None or doc_ids is not None:
+                raise ValueError("pad_mask/doc_ids are for plain forwards; cached rows have their own lengths")
             self._use_decode_layout()
             step = cache.begin(T, device)
             if positions is None:
                 positions, start = step.positions, step.start or 0
             mask, is_causal = step.mask, step.is_causal
         else:
-            mask, is_causal = self._plain_mask(pad_mask, T, device)
+            mask, is_causal = self._plain_mask(pad_mask, T, device, doc_ids)
+            if doc_ids is not None and positions is None:
+                positions = sample_positions(doc_ids)
         qscale = None
         if cfg.logn_attention:
             pos = positions if positions is not None else torch.arange(start, start + T, device=device)[None]
@@ -450,11 +456,13 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def _plain_mask(self, pad_mask: torch.Tensor | None, T: int,
-                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """Causal (and sliding-window) mask of a forward without a cache; padded keys are never seen."""
+    def _plain_mask(self, pad_mask: torch.Tensor | None, T: int, device: torch.device,
+                    doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """Causal (and sliding-window) mask of a forward without a cache; padded keys are never seen, and with
+        `doc_ids` neither are other samples' (block-diagonal: one boolean mask, which SDPA runs fused on CPU and
+        GPU alike)."""
         W, S = self.config.attention_window, self.config.attention_sinks
-        if not W and pad_mask is None:
+        if not W and pad_mask is None and doc_ids is None:
             return None, T > 1
         q = torch.arange(T, device=device)[:, None]
         k = torch.arange(T, device=device)[None, :]
@@ -465,7 +473,19 @@ class Transformer(nn.Module):
         if pad_mask is not None:
             # a padded query may see nothing; letting it see itself avoids NaN rows (its output is unused)
             mask = (mask & pad_mask[:, None, None, :]) | (k == q)[None, None]
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         return mask, False
+
+
+def sample_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions that restart at 0 wherever `doc_ids` changes along a row (a packed row's samples)."""
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`tianying finetune --method full|lora|qlora --data FILE --checkpoint CKPT [--config FILE] [key=value ...]`."""
+"""`tianying finetune --method full|lora|qlora|dpo --data FILE --checkpoint CKPT [--config FILE] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ def register(sub) -> None:
                                    "OpenAI messages). Only assistant turns carry loss. The result goes to "
                                    "OUT_DIR/final: a Hugging Face checkpoint (full) or a PEFT adapter (lora, "
                                    "qlora). Any config key can be overridden as key=value (e.g. lora_r=16).")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default=None, help="what to train (default: "
-                   "the config's `method`, else lora)")
+    p.add_argument("--method", choices=["full", "lora", "qlora", "dpo"], default=None, help="what to train "
+                   "(default: the config's `method`, else lora); dpo: preference training on chosen/rejected pairs")
     p.add_argument("--data", default=None, metavar="FILE", action="append",
                    help="SFT data file (repeatable); overrides `data:`")
     p.add_argument("--valid-data", default=None, metavar="FILE", action="append", help="held-out SFT data")
@@ -24,6 +24,16 @@ def register(sub) -> None:
                    help="an Aquila template name or a Jinja file (default: the checkpoint's own); "
                         "overrides `template:`")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
+    p.add_argument("--columns", default=None, metavar="OURS=THEIRS,...",
+                   help="dataset column names, e.g. prompt=question,chosen=good,rejected=bad")
+    d = p.add_argument_group("preference training (--method dpo)")
+    d.add_argument("--policy", choices=["full", "lora", "qlora"], default=None,
+                   help="how the policy trains (default lora); the reference is the starting checkpoint")
+    d.add_argument("--dpo-loss", choices=["sigmoid", "ipo", "simpo"], default=None,
+                   help="sigmoid (DPO, default), ipo, or simpo (reference-free)")
+    d.add_argument("--beta", type=float, default=None, help="β (default 0.1)")
+    d.add_argument("--precompute-ref", action="store_true",
+                   help="score all pairs with the reference once before training (no reference forward per step)")
     g = p.add_argument_group("memory levers")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations")
@@ -46,10 +56,12 @@ def run(args) -> int:
     # command-line flags as config overrides (key=value, as after --config); later overrides win
     values = {"method": args.method, "data": args.data, "valid_data": args.valid_data,
               "checkpoint": args.checkpoint, "out_dir": args.out_dir, "gradient_accumulation_steps": args.grad_accum,
-              "template": args.chat_template}
-    flags = [f"{k}={v if k == 'method' else json.dumps(v)}" for k, v in values.items() if v]
+              "template": args.chat_template, "columns": args.columns, "policy": args.policy,
+              "dpo_loss": args.dpo_loss, "beta": args.beta}
+    flags = [f"{k}={v if k in ('method', 'policy', 'dpo_loss') else json.dumps(v)}"
+             for k, v in values.items() if v is not None]
     switches = {"skip_bad=true": args.skip_bad, "activation_checkpointing=true": args.activation_checkpointing,
-                "pack=true": args.pack, "precision=bf16": args.bf16}
+                "pack=true": args.pack, "precision=bf16": args.bf16, "precompute_ref=true": args.precompute_ref}
     flags += [flag for flag, on in switches.items() if on]
     cfg = load_config(FinetuneConfig, args.config, flags + list(args.overrides))
     try:
@@ -66,6 +78,12 @@ def run(args) -> int:
             msg += f", validation loss {res.train.val_loss:.4f}"
         if res.seconds_per_step is not None:
             msg += f", {res.seconds_per_step:.3f} s/step"
-        kind = "checkpoint" if cfg.method == "full" else "PEFT adapter"
+        if cfg.method == "dpo":
+            pref = (json.loads((res.train.out_dir / "finetune_summary.json").read_text()).get("preference")
+                    or {}).get("last")
+            if pref:
+                msg += (f", reward margin {pref['reward_margin']:.4f}, reward accuracy {pref['reward_acc']:.2f} "
+                        f"(margin curve: {res.train.out_dir / 'margins.png'})")
+        kind = "checkpoint" if cfg.weights == "full" else "PEFT adapter"
         print(f"{msg}; final {kind}: {res.final_dir}")
     return 0

@@ -94,6 +94,28 @@ class PackedDataset:
         return out
 
 
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Per-token document index of packed samples [..., T]: a new document starts after every EOS (documents are
+    BOS … EOS each), so `Transformer.forward(doc_ids=...)` can keep them apart. Off by default in pretraining
+    (nanochat measured no gain from isolating pretraining documents); `isolate_docs: true` turns it on."""
+    ends = np.asarray(tokens) == eos_id
+    ids = np.zeros(ends.shape, dtype=np.int64)
+    np.cumsum(ends[..., :-1], axis=-1, out=ids[..., 1:])
+    return ids
+
+
+def collate_packed_docs(eos_id: int):  # noqa: ANN201
+    """A collate like `loop.collate_packed` that adds the samples' document ids: (tokens[:-1], tokens[1:], ids)."""
+    import torch
+
+    def collate(samples):  # noqa: ANN001, ANN202
+        x = np.stack([np.asarray(s, dtype=np.int64) for s in samples])
+        docs = document_ids(x[:, :-1], eos_id)
+        return (torch.from_numpy(x[:, :-1].copy()), torch.from_numpy(x[:, 1:].copy()), torch.from_numpy(docs))
+
+    return collate
+
+
 class BlendedDataset:
     """Weighted mix of datasets: sample i comes from the source whose share is furthest behind its weight.
 

@@ -5,6 +5,11 @@ Methods (seed-spec §8.3):
 - lora: LoRA layers swapped into the attention/MLP projections; only they train. The frozen base is held in
   the compute dtype (bf16 with precision=bf16, else fp32). The result is a PEFT adapter directory.
 - qlora: as lora, with the frozen projections stored as NF4 (4.13 bits/weight) and dequantized on the fly.
+- dpo: preference training (tianying.train.preference) on (prompt, chosen, rejected) records, with the policy
+  trained as `policy` says (full, lora or qlora). The reference is the starting checkpoint: for lora/qlora the
+  same model with its adapters switched off, for full a frozen copy, or neither with `precompute_ref`, which
+  scores every pair with the reference once before training. Same loop, checkpoints and resume as SFT; the
+  reward margin/accuracy and chosen/rejected log-probs go to metrics.csv and `out_dir/margins.png`.
 
 Checkpoints are the loop's (`out_dir/checkpoints/step-N`, resumable with --resume); for lora/qlora each one is
 itself a PEFT adapter directory. Before training the recipe prints a memory estimate (weights, gradients,
@@ -14,6 +19,7 @@ training, minus the resident set before the model was loaded).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,18 +34,29 @@ from tianying.config import Config, ConfigError, with_context_settings
 from tianying.train import state as S
 from tianying.train.loop import StepBatches, TrainConfig, TrainResult, check_enough_rows, flops_per_token, train
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "dpo")
+POLICIES = ("full", "lora", "qlora")
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    method: str = "lora"  # full | lora | qlora
+    method: str = "lora"  # full | lora | qlora | dpo
     checkpoint: str | None = None  # the base model directory (Hugging Face or FlagAI layout, with tokenizer)
-    data: Any = None  # SFT file(s): seed JSON list, JSONL, or OpenAI messages
+    data: Any = None  # SFT or preference file(s)/directories (the forms: tianying.data.sft, record_preference)
     valid_data: Any = None
     template: str | None = None  # chat template; default: the checkpoint's
     seq_length: int = 1024
     pack: bool = False  # several conversations per row (see tianying.data.sft)
+    pack_isolate: bool = True  # packed conversations attend only to themselves, positions restart per sample
+    columns: Any = None  # dataset column → ours, e.g. {prompt: question, chosen: good} or "prompt=question,..."
+    split: str | None = None  # the split of a `datasets` DatasetDict directory (default train)
+    # preference training (method: dpo)
+    policy: str = "lora"  # how the policy trains: full | lora | qlora
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | simpo (reference-free)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO's ε (sigmoid, simpo)
+    simpo_gamma: float = 0.5  # SimPO's target margin γ (the loss uses γ/β)
+    precompute_ref: bool = False  # score every pair with the reference once, before training
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     shuffle: bool = True
     lora_r: int = 8
@@ -64,6 +81,22 @@ class FinetuneConfig(TrainConfig):
         super().__post_init__()
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        from tianying.train.preference import LOSSES
+
+        if self.dpo_loss not in LOSSES:
+            raise ConfigError(f"dpo_loss {self.dpo_loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"beta must be > 0 and label_smoothing in [0, 0.5), got {self.beta}, "
+                              f"{self.label_smoothing}")
+        if self.method == "dpo" and self.pack:
+            raise ConfigError("pack is for SFT rows; preference pairs are batched as they are (set pack: false)")
+
+    @property
+    def weights(self) -> str:
+        """How the weights train: the method, or for dpo its policy (full | lora | qlora)."""
+        return self.policy if self.method == "dpo" else self.method
 
     def lora_config(self):  # noqa: ANN201 - LoRAConfig, imported lazily
         from tianying.lora import LoRAConfig
@@ -101,7 +134,8 @@ def estimate_memory(mcfg: Config, method: str, batch_size: int, seq_length: int,
     two fp32 moments. Activations, per token per layer, count the tensors autograd keeps: the norm inputs and
     outputs and residual (≈6·d), q/k/v with RoPE (≈2·d + 4·kv), the SwiGLU intermediates (4·f); attention
     probabilities are never stored (SFT batches are right-padded, so attention runs SDPA's fused causal kernel
-    on CPU and GPU alike). LoRA dropout adds a 1-byte mask per wrapped input. With
+    on CPU and GPU alike; isolated packed rows pass a boolean block-diagonal mask, which the fused kernels take
+    too, and the recipe adds its B·T² bytes). LoRA dropout adds a 1-byte mask per wrapped input. With
     activation checkpointing only each layer's input (d) is kept, plus one layer recomputed at a time. The LM
     head adds the logits, their fp32 copy and gradient (3·V per token).
     """
@@ -216,9 +250,10 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
     A fresh run needs an empty (or missing) out_dir unless `overwrite`; `resume` continues the run in it.
     """
     from tianying import checkpoint as ckpt
-    from tianying.data.sft import collate_sft, load_sft, pack_examples
+    from tianying.data.sft import collate_sft, load_sft, pack_examples, parse_columns
     from tianying.tokenizer import Tokenizer
     from tianying.train import distributed as D
+    from tianying.train import preference as P
 
     if not cfg.checkpoint:
         raise ConfigError("no base checkpoint: give --checkpoint DIR (or `checkpoint:` in the config)")
@@ -245,14 +280,19 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
             raise ConfigError(f"seq_length {cfg.seq_length} exceeds the model's max_position_embeddings "
                               f"{mcfg.max_position_embeddings}")
         template = _template(cfg, mcfg, path)
-        examples, stats = load_sft(data, tok, template, cfg.seq_length, skip_bad=cfg.skip_bad)
-        log(f"data: {stats.summary()} [template {template}]")
+        dpo = cfg.method == "dpo"
+        load = P.load_preference if dpo else load_sft
+        columns = parse_columns(cfg.columns)
+        examples, stats = load(data, tok, template, cfg.seq_length, skip_bad=cfg.skip_bad, columns=columns,
+                               split=cfg.split)
+        log(f"data: {stats.summary().replace('conversations', 'preference pairs' if dpo else 'conversations')} "
+            f"[template {template}]")
         for e in stats.errors[:5]:
             log(f"  skipped: {e}")
         valid_examples = None
         if cfg.valid_data:
-            valid_examples, vstats = load_sft(_data_list(cfg.valid_data), tok, template, cfg.seq_length,
-                                              skip_bad=cfg.skip_bad)
+            valid_examples, vstats = load(_data_list(cfg.valid_data), tok, template, cfg.seq_length,
+                                          skip_bad=cfg.skip_bad, columns=columns, split=cfg.split)
         if cfg.pack:
             order = list(range(len(examples)))
             random.Random(cfg.seed).shuffle(order)  # mix lengths before packing; rows are reshuffled per epoch
@@ -262,9 +302,13 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
             if valid_examples:
                 valid_examples = pack_examples(valid_examples, cfg.seq_length + 1)
         check_enough_rows(len(examples), cfg.batch_size, cfg.gradient_accumulation_steps, info.world_size,
-                          "packed rows" if cfg.pack else "conversations")
+                          "packed rows" if cfg.pack else "preference pairs" if dpo else "conversations")
         pad = tok.pad_id if tok.pad_id is not None else 0
-        collate = lambda rows: collate_sft(rows, pad)  # noqa: E731
+        if dpo:
+            collate = lambda rows: P.collate_preference(rows, pad)  # noqa: E731
+        else:
+            isolate = cfg.pack and cfg.pack_isolate
+            collate = lambda rows: collate_sft(rows, pad, doc_ids=isolate)  # noqa: E731
         batches = StepBatches(examples, cfg.batch_size, cfg.gradient_accumulation_steps, info.rank,
                               info.world_size, collate, shuffle=cfg.shuffle, seed=cfg.seed)
         valid = (StepBatches(valid_examples, cfg.batch_size, 1, info.rank, info.world_size, collate)
@@ -273,17 +317,29 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
         mem.baseline()
         model, mcfg, trainable, save_model, load_model = _prepare_model(cfg, path, info.device, template)
         n_train = sum(p.numel() for n, p in model.named_parameters() if trainable is None or n in trainable)
-        est = estimate_memory(mcfg, cfg.method, cfg.batch_size, cfg.seq_length, cfg.precision,
-                              cfg.activation_checkpointing, 0 if cfg.method == "full" else n_train,
+        # a DPO step runs 2 rows per pair (chosen, rejected); a full policy's reference is a second copy
+        est = estimate_memory(mcfg, cfg.weights, cfg.batch_size * (2 if dpo else 1), cfg.seq_length,
+                              cfg.precision, cfg.activation_checkpointing, 0 if cfg.weights == "full" else n_train,
                               cfg.lora_dropout)
-        log(f"{cfg.method}: {n_train:,} trainable parameters of {mcfg.n_params:,}")
+        if not dpo and cfg.pack and cfg.pack_isolate:
+            est.activations += cfg.batch_size * cfg.seq_length**2  # the block-diagonal mask, 1 byte per entry
+        objective = None
+        if dpo:
+            objective = _preference_objective(cfg, model, examples, valid_examples, pad, info.device, log)
+            if cfg.weights == "full" and objective.reference is not None:
+                est.weights += 4.0 * mcfg.n_params
+        log(f"{cfg.method}{f' ({cfg.weights} policy)' if dpo else ''}: {n_train:,} trainable parameters of "
+            f"{mcfg.n_params:,}")
         log(est.format())
         n_no_embed = mcfg.n_params - mcfg.vocab_size * mcfg.hidden_size
         fpt = flops_per_token(n_no_embed, mcfg.n_layer, mcfg.hidden_size, cfg.seq_length)
         mem.start()
         t0 = time.perf_counter()
         res = train(model, batches, cfg, trainable=trainable, valid=valid, save_model=save_model,
-                    load_model=load_model, resume=resume, overwrite=overwrite, info=info, flops_per_tok=fpt)
+                    load_model=load_model, resume=resume, overwrite=overwrite, info=info, flops_per_tok=fpt,
+                    objective=objective)
+        if dpo and info.is_main and cfg.plot and (Path(cfg.out_dir) / "metrics.csv").is_file():
+            P.plot_margins(Path(cfg.out_dir) / "metrics.csv", Path(cfg.out_dir) / "margins.png")
         elapsed = time.perf_counter() - t0
         peak = mem.peak()
         log(f"measured peak memory during training: {peak / 2**20:.1f} MiB "
@@ -295,13 +351,47 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, log=print,  # noqa: 
         D.teardown()
 
 
+def _preference_objective(cfg: FinetuneConfig, model: torch.nn.Module, pairs: list, valid_pairs: list | None,
+                          pad: int, device: torch.device, log):  # noqa: ANN001, ANN202
+    """The DPO objective with its reference: the base with adapters off (lora/qlora), a frozen copy (full), or
+    log-probs precomputed here, while the model still holds the starting weights (a resumed run loads its
+    checkpoint only later, inside `train`, so it recomputes the same values)."""
+    from tianying.train import preference as P
+
+    ref = None
+    if cfg.dpo_loss != "simpo":
+        if cfg.weights != "full":
+            from tianying.lora import adapters_disabled
+
+            def ref(ids: torch.Tensor) -> torch.Tensor:
+                with adapters_disabled(model):
+                    return model(ids)
+        elif cfg.precompute_ref:
+            ref = model
+        else:
+            ref = P.frozen_reference(model)
+        if cfg.precompute_ref:
+            t0 = time.perf_counter()
+            amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+            autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+            was = model.training
+            model.eval()
+            for group in (pairs, valid_pairs or []):
+                P.precompute_reference(group, ref, cfg.batch_size, pad, device, autocast)
+            model.train(was)
+            log(f"reference log-probs of {len(pairs) + len(valid_pairs or [])} pairs precomputed in "
+                f"{time.perf_counter() - t0:.1f} s")
+            ref = None
+    return P.PreferenceObjective(cfg.dpo_loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, ref)
+
+
 def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, template):  # noqa: ANN001, ANN202
     """(model, config, trainable names or None, save callback, load callback) for the method."""
     from tianying import checkpoint as ckpt
     from tianying.model import set_config
     from tianying.templates import ChatTemplate, write_chat_template
 
-    if cfg.method == "full":
+    if cfg.weights == "full":
         model, mcfg = ckpt.load_model(path, device=device, dtype=torch.float32)
         mcfg = with_context_settings(mcfg, cfg.model_args)
         # the checkpoint keeps the template it was trained with: a name in config.json, a Jinja one as itself
@@ -321,10 +411,12 @@ def _prepare_model(cfg: FinetuneConfig, path: Path, device: torch.device, templa
     model, mcfg = ckpt.load_model(path, device=device, dtype=base_dtype)
     mcfg = with_context_settings(mcfg, cfg.model_args)
     set_config(model, mcfg)
-    meta = {"method": cfg.method, "template": str(template), "base_checkpoint": str(path)}
+    meta = {"method": cfg.weights, "template": str(template), "base_checkpoint": str(path)}
+    if cfg.method == "dpo":
+        meta["trained_with"] = {"objective": "dpo", "loss": cfg.dpo_loss, "beta": cfg.beta}
     if cfg.model_args:  # the adapter alone cannot carry them: merge-lora / loading must re-apply these
         meta["model_args"] = cfg.model_args
-    if cfg.method == "qlora":
+    if cfg.weights == "qlora":
         from tianying.nf4 import NF4_DEFAULT_MODULES, quantize_model_nf4
 
         quantize_model_nf4(model, NF4_DEFAULT_MODULES, cfg.nf4_blocksize)
@@ -382,13 +474,28 @@ def _seconds_per_step(metrics: Path) -> float | None:
     return (float(b["elapsed_s"]) - float(a["elapsed_s"])) / steps if steps > 0 else None
 
 
+def _last_preference_metrics(metrics: Path) -> dict | None:
+    """The first and last logged reward metrics of a DPO run (the README's "measured effect")."""
+    from tianying.train.log import read_metrics
+    from tianying.train.preference import METRICS
+
+    if not metrics.is_file():
+        return None
+    rows = [r for r in read_metrics(metrics) if r.get("reward_margin") is not None]
+    if not rows:
+        return None
+    keys = ("step",) + METRICS
+    return {"first": {k: rows[0][k] for k in keys}, "last": {k: rows[-1][k] for k in keys}}
+
+
 def write_summary(res: FinetuneResult, cfg: FinetuneConfig) -> None:
     """out_dir/finetune_summary.json: what the benchmark and the README table read."""
     out = Path(cfg.out_dir) / "finetune_summary.json"
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out.write_text(json.dumps({
-        "method": cfg.method, "steps": res.train.step, "last_loss": res.train.last_loss,
+        "method": cfg.method, "policy": cfg.weights, "steps": res.train.step, "last_loss": res.train.last_loss,
+        "preference": _last_preference_metrics(Path(cfg.out_dir) / "metrics.csv") if cfg.method == "dpo" else None,
         "val_loss": res.train.val_loss, "trainable_params": res.trainable_params,
         "estimate_bytes": {"weights": res.estimate.weights, "grads": res.estimate.grads,
                            "optimizer": res.estimate.optimizer, "activations": res.estimate.activations,

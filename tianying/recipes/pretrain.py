@@ -38,6 +38,7 @@ class PretrainConfig(TrainConfig):
     valid_data: Any = None  # held-out prefixes; default: the `split` tail of each training prefix
     split: str = "98,2"  # train,valid shares by document when valid_data is not given
     seq_length: int = 1024
+    isolate_docs: bool = False  # attention stays within each document of a packed sample (tianying.data.pack)
     out_dir: str = "runs/pretrain"
 
 
@@ -110,9 +111,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = Fa
         check_enough_rows(len(train_ds), cfg.batch_size, cfg.gradient_accumulation_steps, info.world_size,
                           f"training samples of seq_length + 1 = {cfg.seq_length + 1} tokens")
         _check_vocab(cfg.data, cfg.valid_data, mcfg.vocab_size, DataError)
+        collate = collate_packed
+        if cfg.isolate_docs:
+            from tianying.data.pack import collate_packed_docs
+
+            collate = collate_packed_docs(mcfg.eos_token_id)
         batches = StepBatches(train_ds, cfg.batch_size, cfg.gradient_accumulation_steps, info.rank,
-                              info.world_size, collate_packed)
-        valid = (StepBatches(valid_ds, cfg.batch_size, 1, info.rank, info.world_size, collate_packed)
+                              info.world_size, collate)
+        valid = (StepBatches(valid_ds, cfg.batch_size, 1, info.rank, info.world_size, collate)
                  if valid_ds is not None else None)
         n_no_embed = mcfg.n_params - mcfg.vocab_size * mcfg.hidden_size
         fpt = flops_per_token(n_no_embed, mcfg.n_layer, mcfg.hidden_size, cfg.seq_length)

@@ -12,7 +12,9 @@ import warnings
 from pathlib import Path
 
 COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens", "elapsed_s", "loss_scale",
-           "val_loss", "val_ppl"]
+           "val_loss", "val_ppl",
+           # preference training (tianying.train.preference): means over the logged steps' pairs
+           "reward_margin", "reward_acc", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"]
 
 
 class MetricsLogger:
@@ -78,7 +80,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in rows]
 
 
-def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
+def plot_loss(csv_path: str | Path, png_path: str | Path, ylabel: str = "loss (nats/token)") -> Path | None:
     """Training (and validation) loss against step; None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -97,7 +99,7 @@ def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
     if valid:
         ax.plot(*zip(*valid), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -7,7 +7,10 @@ model is written (`save_model` / `load_model` callbacks).
 
 Batches are `(input_ids [B, T], labels [B, T])` with labels ALREADY ALIGNED to positions: `labels[b, t]` is
 the target for the logits at position t (the next token), -100 where nothing is learned. (That is
-`causal_lm_loss`'s convention shifted by one; it saves the slice-and-copy of the full logits.)
+`causal_lm_loss`'s convention shifted by one; it saves the slice-and-copy of the full logits.) A third tensor,
+`doc_ids [B, T]`, isolates the samples of packed rows (see `Transformer.forward`). What a batch means is the
+`objective`'s business: the default `TokenLoss` is next-token cross-entropy; preference training
+(tianying.train.preference) passes its own, which sees pairs and reports reward metrics.
 
 Choices worth knowing:
 - The loss of a step is the mean over all target tokens of the *global* batch (every micro-batch on every
@@ -341,6 +344,36 @@ def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+class TokenLoss:
+    """The loop's default objective: summed next-token cross-entropy over the labelled tokens.
+
+    An objective gives, for a micro-batch, `units` (what the step's loss is averaged over: here target tokens;
+    a preference objective counts pairs), `tokens` (for tokens/s) and `__call__(model, batch, autocast)` →
+    (summed loss with grad, {metric: sum over units}); `metrics` names the metrics it reports.
+    """
+
+    metrics: tuple[str, ...] = ()
+
+    def units(self, batch: Sequence[torch.Tensor]) -> int:
+        return int((batch[1] != -100).sum())
+
+    tokens = units
+
+    def __call__(self, model: nn.Module, batch: Sequence[torch.Tensor], autocast: Callable) -> tuple:
+        kw = {"doc_ids": batch[2]} if len(batch) > 2 else {}
+        with autocast():
+            logits = model(batch[0], **kw)
+        return _token_ce_sum(logits, batch[1]), {}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
 def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
           trainable: Iterable[str] | None = None,
           valid: StepBatches | None = None,
@@ -350,7 +383,8 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
           overwrite: bool = False,
           info: D.DistInfo | None = None,
           flops_per_tok: float | None = None,
-          final_dir: str | Path | None = None) -> TrainResult:
+          final_dir: str | Path | None = None,
+          objective: Any = None) -> TrainResult:
     """Train `model` (fp32, on `info.device`) on `batches` under `cfg`; checkpoints and logs go to cfg.out_dir.
 
     Args:
@@ -364,10 +398,12 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
         overwrite: start a fresh run even though cfg.out_dir is not empty (its old checkpoints are kept).
         flops_per_tok: training FLOPs per token for MFU (see `flops_per_token`).
         final_dir: where the final model goes (default out_dir/final).
+        objective: what a batch's loss is (default `TokenLoss`, next-token cross-entropy; see there).
     Raises OutDirInUse (a fresh run into a used out_dir), ConfigError (data smaller than one batch),
     CheckpointSaveError (a save failed), TrainingInterrupted (SIGINT/SIGTERM; a checkpoint was saved).
     """
     info = info or D.DistInfo(device=torch.device(cfg.device or "cpu"))
+    objective = objective or TokenLoss()
     out_dir = Path(cfg.out_dir)
     save_model = save_model or _default_save
     load_model = load_model or _default_load
@@ -464,12 +500,10 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
         tot = torch.zeros(2, dtype=torch.float64, device=info.device)
         with torch.no_grad():
             for i in range(min(cfg.eval_iters, valid.steps_per_epoch)):
-                x, y = valid.get(i, 0)
-                x, y = x.to(info.device), y.to(info.device)
-                with autocast():
-                    logits = run_model(x)
-                tot[0] += _token_ce_sum(logits, y).double()
-                tot[1] += (y != -100).sum()
+                batch = _to_device(valid.get(i, 0), info.device)
+                ce, _ = objective(run_model, batch, autocast)
+                tot[0] += ce.double()
+                tot[1] += objective.units(batch)
         run_model.train()
         D.all_reduce_sum(tot, info)
         return float(tot[0] / tot[1].clamp(min=1))
@@ -490,7 +524,8 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
     stop = _StopOnSignal().__enter__()
     try:
         run_model.train()
-        acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
+        names_m = tuple(objective.metrics)
+        acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0, "units": 0.0, "m": [0.0] * len(names_m)}
         last_loss = val_loss = None
         t_start = time.perf_counter()
         tokens_seen = 0
@@ -501,22 +536,24 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = [batches.get(step, m) for m in range(batches.grad_accum)]
-            n_tok = torch.tensor([sum(int((y != -100).sum()) for _, y in micro)], dtype=torch.float64)
-            D.all_reduce_sum(n_tok, info)
+            counts = torch.tensor([sum(objective.units(b) for b in micro), sum(objective.tokens(b) for b in micro)],
+                                  dtype=torch.float64)
+            D.all_reduce_sum(counts, info)
+            n_tok = counts[0]  # loss units: target tokens (or pairs, for a preference objective)
             denom = max(float(n_tok), 1.0) / info.world_size  # DDP/FSDP average gradients over ranks
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for m, (x, y) in enumerate(micro):
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            loss_sum = torch.zeros(1 + len(names_m), dtype=torch.float64)  # loss, then the objective's metrics
+            for m, batch in enumerate(micro):
+                batch = _to_device(batch, info.device)
                 sync = m == len(micro) - 1
                 ctx = run_model.no_sync() if hasattr(run_model, "no_sync") and not sync else contextlib.nullcontext()
                 if sharded:
                     raw.set_requires_gradient_sync(sync)
                 with ctx:
-                    with autocast():
-                        logits = run_model(x)
-                    ce = _token_ce_sum(logits, y)
+                    ce, mets = objective(run_model, batch, autocast)
                     (ce * (scaler.scale / denom if scaler.enabled else 1.0 / denom)).backward()
-                loss_sum += ce.detach().double().cpu()
+                loss_sum[0] += ce.detach().double().cpu()
+                for k, name in enumerate(names_m):
+                    loss_sum[1 + k] += float(mets[name])
             if scaler.enabled:
                 for _, p in params:
                     if p.grad is not None:
@@ -528,14 +565,16 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
             scaler.update(finite)
             opt.zero_grad(set_to_none=True)
             D.all_reduce_sum(loss_sum, info)
-            loss = float(loss_sum) / max(float(n_tok), 1.0)
+            loss = float(loss_sum[0]) / max(float(n_tok), 1.0)
             dt = time.perf_counter() - t0
-            tokens_seen += int(n_tok)
+            tokens_seen += int(counts[1])
             acc["loss"] += loss
             acc["gnorm"] += gnorm if finite else 0.0
             acc["n"] += 1
-            acc["tokens"] += int(n_tok)
+            acc["tokens"] += int(counts[1])
             acc["time"] += dt
+            acc["units"] += float(n_tok)
+            acc["m"] = [a + float(v) for a, v in zip(acc["m"], loss_sum[1:])]
             done = step + 1
             if bar is not None:
                 bar.update(1)
@@ -547,15 +586,18 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
                 logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": acc["gnorm"] / acc["n"],
                             "tokens_per_sec": tps, "mfu": mfu, "tokens": tokens_seen,
                             "elapsed_s": time.perf_counter() - t_start,
-                            "loss_scale": scaler.scale if scaler.enabled else None})
-                acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0}
+                            "loss_scale": scaler.scale if scaler.enabled else None,
+                            **{k: v / max(acc["units"], 1.0) for k, v in zip(names_m, acc["m"])}})
+                acc = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0, "gnorm": 0.0, "units": 0.0,
+                       "m": [0.0] * len(names_m)}
             if valid is not None and (done % cfg.eval_interval == 0 or done == total):
                 val_loss = evaluate()
                 if val_loss is not None:
-                    logger.log({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+                    ppl = math.exp(min(val_loss, 50.0)) if isinstance(objective, TokenLoss) else None
+                    logger.log({"step": done, "val_loss": val_loss, "val_ppl": ppl})
                     if bar is not None:
-                        ppl = math.exp(min(val_loss, 50))
-                        bar.write(f"step {done}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}")
+                        bar.write(f"step {done}: validation loss {val_loss:.4f}"
+                                  + (f", perplexity {ppl:.2f}" if ppl is not None else ""))
             if done % cfg.save_interval == 0 and done != total:
                 checkpoint(done)
             if _stop_requested(stop, info):
@@ -581,7 +623,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
             bar.close()
         logger.close()
     if info.is_main and cfg.plot and logger.path.is_file():
-        plot_loss(logger.path, out_dir / "loss.png")
+        plot_loss(logger.path, out_dir / "loss.png", getattr(objective, "loss_label", "loss (nats/token)"))
     return TrainResult(raw, done, last_loss, val_loss, out_dir)
 
 
