@@ -384,7 +384,7 @@ def test_convert_round_trip(ckpt, tmp_path, quant, capsys, reference_backend):
     back = LLM.load(tmp_path / "imported")
     assert torch.equal(logits(direct.model, IDS), logits(back.model, IDS))  # the same integers, same scales
     assert back.tokenizer.encode(TEXT) == direct.tokenizer.encode(TEXT) == Tokenizer.from_dir(path).encode(TEXT)
-    assert direct.template == back.template == "aquila-v1"
+    assert direct.template.name == back.template.name == "aquila-v1"
     from tokenizers import Tokenizer as Backend
     from transformers import AutoTokenizer
 

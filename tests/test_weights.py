@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -79,22 +77,22 @@ def test_symlink_out_of_the_directory_is_refused_but_hub_cache_blobs_are_not(tmp
         assert torch.equal(loaded(ids), model(ids))
 
 
-def test_gguf_files_are_read_through_gguf_io(tmp_path, monkeypatch):
-    """The hook the gguf branch fills: `.gguf` → tianying.gguf_io.iter_tensors, imported only then."""
-    fake = types.ModuleType("tianying.gguf_io")
-    seen = []
+def test_gguf_files_are_read_through_gguf_io(tmp_path):
+    """`.gguf` files are found and read by the one reader like any weight file: HF names, the same tensors."""
+    from tianying.gguf_io import write_gguf
+    from tianying.tokenizer import Tokenizer
 
-    def iter_gguf(path):
-        seen.append(path)
-        yield "model.norm.weight", torch.ones(3)
-
-    fake.iter_tensors = iter_gguf
-    monkeypatch.setitem(sys.modules, "tianying.gguf_io", fake)
+    tok_dir = Path(__file__).parent / "data" / "tokenizer"
+    cfg = Config.from_name("test-gqa").replace(vocab_size=Tokenizer.from_dir(tok_dir).vocab_size)
+    model = build_model(cfg, seed=0)
     f = tmp_path / "model.gguf"
-    f.write_bytes(b"GGUF")
+    write_gguf(model, cfg, f, tok_dir)
     assert weight_files(tmp_path) == [f]
-    assert [(n, t.tolist()) for n, t in iter_tensors(f)] == [("model.norm.weight", [1.0, 1.0, 1.0])]
-    assert seen == [f]
+    got = dict(iter_tensors(f))
+    want = model.state_dict()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert torch.equal(got[name].float(), t.float()), name
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes

@@ -466,6 +466,14 @@ def _decode(rt, keep_quantized: bool) -> torch.Tensor | QuantWeight:  # noqa: AN
     return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).reshape(shape)
 
 
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float tensor) of every tensor in a GGUF file, q/k rows in rotate-half order (what the weights
+    module's readers yield for safetensors and .bin files)."""
+    g = read_gguf(path)
+    for name in g.names():
+        yield name, g.weight(name, keep_quantized=False)
+
+
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
               dequantize: bool = False) -> tuple[nn.Module, Config, Any]:
     """(model in eval mode, Config, Tokenizer) straight from a GGUF file, nothing written to disk.

@@ -271,7 +271,7 @@ def iter_tensors(file: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """
     file = Path(file)
     if file.suffix == ".gguf":
-        from tianying import gguf_io
+        import tianying.gguf_io as gguf_io
 
         yield from gguf_io.iter_tensors(file)
         return
