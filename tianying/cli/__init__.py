@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from tianying import __version__
 from tianying.errors import TianyingError
@@ -33,9 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_warnings(verb: str) -> None:
+    """Warnings as one line, `tianying VERB: warning: MSG`: a user needs the message, not our source line."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"tianying {verb}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _cli_warnings(args.verb)
     try:
         rc = args.func(args)
     except TianyingError as e:
