@@ -161,6 +161,94 @@ def test_long_prompt_is_truncated_from_the_left_with_a_one_line_warning(ckpt):
     assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
 
 
+# ---------------------------------------------------------------------- training runs a new user makes
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory):
+    """A CPU pretrain whose validation set (2 short documents) is smaller than one batch, without peak_flops."""
+    from tianying.data.indexed import build_indexed_dataset
+
+    d = tmp_path_factory.mktemp("pre")
+    build_indexed_dataset([ROOT / "samples" / "corpus" / "train.jsonl"], FIXTURE_TOKENIZER, d / "c", progress=False)
+    build_indexed_dataset([ROOT / "tests" / "data" / "eval" / "zh.valid.jsonl"], FIXTURE_TOKENIZER, d / "v",
+                          progress=False)
+    r = run_cli("pretrain", "model=test-mha", "model_args={vocab_size: 3008, n_layer: 1}",
+                f"tokenizer={FIXTURE_TOKENIZER}", f"data={d / 'c'}", f"valid_data={d / 'v'}", "seq_length=32",
+                "batch_size=64", "max_steps=2",
+                "log_interval=1", "eval_interval=2", f"out_dir={d / 'run'}", "tensorboard=false", "plot=false",
+                "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return r, d / "run"
+
+
+def test_valid_set_smaller_than_a_batch_is_said_once(pretrain_run):
+    r, _ = pretrain_run
+    warn = [ln for ln in r.stderr.splitlines() if "validation" in ln]
+    assert len(warn) == 1 and warn[0].startswith("tianying pretrain: warning: the validation set has ")
+    assert "fewer than one batch of 64: no validation loss will be computed" in warn[0]
+
+
+def test_warnings_carry_no_source_line(pretrain_run):
+    r, _ = pretrain_run
+    assert r.stderr.strip().splitlines() == [ln for ln in r.stderr.strip().splitlines()
+                                             if ln.startswith("tianying pretrain: warning: ")]
+    assert "warnings.warn" not in r.stderr and ".py:" not in r.stderr
+
+
+def test_mfu_only_where_a_peak_is_known(pretrain_run):
+    import csv
+
+    import torch
+
+    from tianying.train.loop import peak_flops
+
+    _, out = pretrain_run
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["mfu"] for r in rows if r["loss"]] == ["", ""]  # CPU: no MFU rather than a made-up one
+    assert float(rows[0]["tokens_per_sec"]) > 0
+    assert peak_flops(torch.device("cpu"), torch.float32) is None
+
+
+def test_no_progress_on_every_verb_that_shows_progress():
+    import argparse
+
+    from tianying.cli import build_parser
+
+    def walk(p, name=()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for n, sp in a.choices.items():
+                    yield (*name, n), sp
+                    yield from walk(sp, (*name, n))
+
+    parsers = dict(walk(build_parser()))
+    with_bars = {("pretrain",), ("finetune",), ("eval",), ("quantize",), ("data", "index"), ("tokenizer", "train"),
+                 ("tokenizer", "stats")}
+    for verb in with_bars:
+        assert "--no-progress" in parsers[verb]._option_string_actions, verb
+    # help text for every subcommand, at every level (`tianying data index --help` had none)
+    assert [v for v, p in parsers.items() if not (p.description or "").strip()] == []
+
+
+def test_finetune_no_progress_and_memory_estimate_is_a_lower_bound(tmp_path):
+    from tianying.checkpoint import save_hf
+    from tianying.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(FIXTURE_TOKENIZER)
+    cfg = Config.from_name("test-gqa").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                                eos_token_id=tok.eos_id, chat_template="aquila-v1")
+    save_hf(build_model(cfg, seed=0), cfg, tmp_path / "base", tokenizer_dir=FIXTURE_TOKENIZER)
+    r = run_cli("finetune", "--checkpoint", tmp_path / "base", "--data", ROOT / "samples" / "sft" / "chatterbot.json",
+                "--out-dir", tmp_path / "run", "--no-progress", "seq_length=64", "batch_size=4", "max_steps=2",
+                "tensorboard=false", "plot=false")
+    assert r.returncode == 0, r.stderr
+    assert "train:" not in r.stderr and "step/s" not in r.stderr  # no progress bar
+    est = next(ln for ln in r.stdout.splitlines() if ln.startswith("memory estimate"))
+    assert "(a lower bound:" in est
+    peak = next(ln for ln in r.stdout.splitlines() if ln.startswith("measured peak memory"))
+    mib = lambda s, after: float(s.split(after, 1)[1].split("MiB")[0].strip().split()[-1])
+    assert mib(est, "= ") <= mib(peak, ":")  # what the label promises
+
+
 # ---------------------------------------------------------------------- the demo model itself (slow)
 @pytest.mark.slow
 def test_demo_model_answers_a_factual_question():

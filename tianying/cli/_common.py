@@ -20,6 +20,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                    help="refuse a checkpoint whose tensors hold NaN or Inf (names them); reads every weight once")
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """The one switch every verb that draws progress bars takes."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
