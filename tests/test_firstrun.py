@@ -262,3 +262,15 @@ def test_demo_model_answers_a_factual_question():
     assert lines[0] == "> What is the capital of France?" and "Paris" in lines[1]
     assert lines[2] == "> How many days are in a week?" and ("7" in lines[3] or "seven" in lines[3].lower())
     assert "using the default model SmolLM2-135M-Instruct" in r.stderr
+
+
+# ---------------------------------------------------------------------- argument parsing
+def test_overrides_after_options_and_unknown_options_name_the_verb(capsys):
+    from tianying.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["pretrain", "--config", "c.yaml", "data=d", "--resume", "max_steps=2"])
+    assert args.resume and args.overrides == ["data=d", "max_steps=2"]  # README's `… --resume` line keeps both
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["finetune", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tianying finetune") and "unrecognized arguments: --no-such-flag" in err

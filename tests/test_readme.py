@@ -83,8 +83,11 @@ def test_every_readme_command_is_classified():
 def clone(tmp_path_factory):
     """A scratch directory shaped like a fresh clone, with `tianying` on PATH."""
     d = tmp_path_factory.mktemp("clone")
-    for name in ("models", "configs", "samples", "tianying", "tests"):
+    for name in ("configs", "samples", "tianying", "tests"):
         (d / name).symlink_to(ROOT / name)
+    (d / "models").mkdir()  # commands write new models there (merge-lora): never into this checkout
+    for m in (ROOT / "models").iterdir():
+        (d / "models" / m.name).symlink_to(m)
     bindir = d / ".venv" / "bin"
     bindir.mkdir(parents=True)
     shim = bindir / "tianying"
@@ -102,8 +105,8 @@ def run_commands(clone, kind: str, timeout: int) -> None:
         if classify(cmd) != kind:
             continue
         verb = cmd.split()[1] if cmd.startswith("tianying ") else None
-        if verb in SHORTEN:  # append before a trailing comment and before --resume's position is irrelevant
-            code, _, comment = cmd.partition("  #")
+        if verb in SHORTEN:  # appended after the command, before its comment
+            code, _, _ = cmd.partition("  #")
             cmd = f"{code.rstrip()} {SHORTEN[verb]}"
         r = subprocess.run(["bash", "-c", cmd], cwd=d, env=env, capture_output=True, text=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)

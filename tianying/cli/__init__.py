@@ -42,9 +42,23 @@ def _cli_warnings(verb: str) -> None:
     warnings.showwarning = show
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parse_args, except that key=value overrides may also follow options (`pretrain … --resume lr=1e-4`), and
+    an unknown option is reported with the verb's own usage line rather than the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+        return args
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subs.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
+    raise AssertionError  # error() exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     _cli_warnings(args.verb)
     try:
         rc = args.func(args)
