@@ -37,7 +37,7 @@ demo: install-demo
 	@echo "== tianying chat (no checkpoint: the default model; each question, then its answer)"
 	@printf '%s\n' $(DEMO_QUESTIONS) | $(BIN)/tianying chat --no-history --echo --max-new-tokens 60
 	@echo "== tianying generate models/demo (our 11M-parameter base model, 0.68M tokens of training: expect noise)"
-	@$(BIN)/tianying generate models/demo --prompt "床前明月光，" $(SAMPLE); echo
+	@printf '%s' "床前明月光，"; $(BIN)/tianying generate models/demo --prompt "床前明月光，" $(SAMPLE); echo
 
 # Quantized kernels differ by backend and by CPU (issue 12): their tests run again with each backend forced,
 # and as an AVX2-only and a no-AVX2 x86-64 machine run them (torch's dispatch level, the portable C++ build).
