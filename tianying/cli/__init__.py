@@ -34,12 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_warnings(verb: str) -> None:
+def _cli_warnings(verb: str):  # noqa: ANN202 - the previous showwarning
     """Warnings as one line, `tianying VERB: warning: MSG`: a user needs the message, not our source line."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         print(f"tianying {verb}: warning: {message}", file=file or sys.stderr)
 
-    warnings.showwarning = show
+    previous, warnings.showwarning = warnings.showwarning, show
+    return previous
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +60,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    _cli_warnings(args.verb)
+    previous_showwarning = _cli_warnings(args.verb)
     try:
         rc = args.func(args)
     except TianyingError as e:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tianying {args.verb}: internal error: {type(e).__name__}: {e} "
               "(set TIANYING_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = previous_showwarning  # main() called from Python leaves no trace
     return int(rc or 0)
 
 
