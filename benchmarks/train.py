@@ -191,7 +191,7 @@ def main() -> None:
                 best[impl] = max(best[impl], tokens * steps / (time.perf_counter() - t0))
         del runs
         amp = {"bf16": torch.bfloat16}.get(precision, torch.float32)
-        peak = peak_flops(torch.device(args.device), amp) if args.device != "cpu" else 0.0
+        peak = peak_flops(torch.device(args.device), amp) if args.device != "cpu" else None  # None: not known
         n_no_embed = cfg.n_params - cfg.vocab_size * cfg.hidden_size
         fpt = flops_per_token(n_no_embed, cfg.n_layer, cfg.hidden_size, args.seq)
         for impl in impls:
@@ -199,7 +199,7 @@ def main() -> None:
             results.append({"impl": impl, "precision": precision, "tokens_per_sec": round(best[impl], 1),
                             "speedup_vs_transformers": round(best[impl] / best["transformers"], 3),
                             # a CPU has no trustworthy peak (bf16 is emulated on many): MFU on GPUs only
-                            "mfu": round(best[impl] * fpt / peak, 4) if args.device != "cpu" else None,
+                            "mfu": round(best[impl] * fpt / peak, 4) if peak else None,
                             "peak_mib": mem})
     hdr = f"{'impl':<18} {'precision':<9} {'tokens/s':>10} {'vs HF':>7} {'MFU':>7} {'peak MiB':>9}"
     print(f"\nmodel {args.size} ({cfg.n_params / 1e6:.1f}M params), batch {args.batch} × seq {args.seq}, "

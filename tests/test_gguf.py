@@ -95,7 +95,7 @@ LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_att
 
 
 def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype, tied: bool = False,
-                         override: dict | None = None) -> Path:
+                         override: dict | None = None, pre: str = "gpt-2") -> Path:
     """A GGUF as llama.cpp's converter lays it out, written with gguf.GGUFWriter and gguf.quants.quantize
     (`override`: GGUF tensor name → type for those tensors)."""
     tok = Tokenizer.from_dir(TOK)
@@ -118,7 +118,7 @@ def write_reference_gguf(path: Path, model: torch.nn.Module, cfg: Config, qtype,
         types[i] = gguf.TokenType.CONTROL if i in tok.special_tokens.values() else gguf.TokenType.NORMAL
     merges = [ln for ln in (TOK / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if ln]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -268,6 +268,26 @@ def test_llama3_style_pre_tokenizer_round_trip(ckpt, tmp_path):
     g = gguf_io.read_gguf(gguf_io.export_gguf(src, tmp_path / "m.gguf"))
     assert g.pre == "llama-bpe"
     assert g.tokenizer.encode(text) == backend.encode(text, add_special_tokens=False).ids
+
+
+def test_smollm_pre_tokenizer_splits_digits(tmp_path):
+    """llama.cpp's `smollm` pre-tokenizer (SmolLM2's GGUFs) = every digit alone, then GPT-2's regex: the same ids
+    as HF's own form of it (Digits(individual_digits) + ByteLevel), and unlike plain `gpt-2` on numbers."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import pre_tokenizers
+
+    cfg = tiny_config()
+    path = write_reference_gguf(tmp_path / "s.gguf", random_model(cfg), cfg, gguf.GGMLQuantizationType.F32,
+                                pre="smollm")
+    g = gguf_io.read_gguf(path)
+    ref = Backend.from_file(str(TOK / "tokenizer.json"))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    text = TEXT + " In 2024, 12345678 apples cost ¥1,000.50; don't."
+    assert g.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    plain = Backend.from_file(str(TOK / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert g.tokenizer.encode(text) != plain
+    assert g.tokenizer.decode(g.tokenizer.encode(text)) == text
 
 
 # ---------------------------------------------------------------------- gguf's own writer → import

@@ -137,29 +137,32 @@ class LLM:
                               **more)
 
     def generate(self, prompt: str | Sequence[str], *, stream: bool = False, bos: bool = False,
-                 **sampling: Any) -> str | list[str] | Iterator[str]:
+                 truncate: str | None = None, **sampling: Any) -> str | list[str] | Iterator[str]:
         """Complete `prompt` (a string, or a list of strings generated as one left-padded batch).
 
         Sampling keywords: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
         stop (strings), stop_token_ids (default: EOS), seed, legacy (the seed's predict() order).
-        With stream=True (single prompt only) returns an iterator of text pieces.
+        With stream=True (single prompt only) returns an iterator of text pieces. A prompt that leaves no room
+        for max_new_tokens in the context is an error, or with truncate="left" loses its oldest tokens (warned).
         """
         params = self.sampling_params(**sampling)
         if isinstance(prompt, str):
-            ids = self.encode_prompt(prompt, bos=bos)
+            ids = self.fit_context(self.encode_prompt(prompt, bos=bos), params.max_new_tokens, truncate)
             pieces = self._stream([ids], params)
             if stream:
                 return pieces
             return "".join(pieces)
         if stream:
             raise TianyingError("stream=True takes a single prompt")
-        return self.generate_batch([self.encode_prompt(p, bos=bos) for p in prompt], params)
+        return self.generate_batch([self.fit_context(self.encode_prompt(p, bos=bos), params.max_new_tokens, truncate)
+                                    for p in prompt], params)
 
     def chat(self, messages: Sequence[dict], template: Any = None, *, stream: bool = False,
              tools: Sequence[dict] | None = None, tool_choice: Any = None, response_format: dict | None = None,
-             **sampling: Any) -> Any:
+             truncate: str | None = None, **sampling: Any) -> Any:
         """Reply to a conversation ([{"role", "content"}...]) using the checkpoint's chat template (or
         `template`: a name or a Jinja file). Special-token strings inside the messages stay plain text.
+        `truncate`: as for generate().
 
         `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": …}})
         constrains the reply to JSON (of the schema). With OpenAI-style `tools` the result is a dict
@@ -179,7 +182,7 @@ class LLM:
             messages = tl.prepare(list(messages), fns, mode)
             if mode == "required":
                 grammar = ("json_schema", tl.call_schema(allowed))
-            text = self.chat(messages, template, grammar=grammar, **sampling)
+            text = self.chat(messages, template, truncate=truncate, grammar=grammar, **sampling)
             content, calls = tl.parse_reply(text, allowed, mode == "required") if mode != "none" else (text, [])
             return {"content": content, "tool_calls": calls}
         if grammar is not None:
@@ -188,8 +191,32 @@ class LLM:
         ids = encode_chat(self.tokenizer, list(messages), tpl, suffix=" " if sampling.get("legacy") else "")
         stops = sampling.pop("stop", None) or []
         sampling["stop"] = list(tpl.stop_strings) + ([stops] if isinstance(stops, str) else list(stops))
-        pieces = self._stream([ids], self.sampling_params(**sampling))
+        params = self.sampling_params(**sampling)
+        pieces = self._stream([self.fit_context(ids, params.max_new_tokens, truncate)], params)
         return pieces if stream else "".join(pieces)
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions a prompt and its completion share; None for windowed attention (no hard limit)."""
+        return None if self.config.attention_window else int(self.config.max_position_embeddings)
+
+    def fit_context(self, ids: list[int], max_new_tokens: int, truncate: str | None = None) -> list[int]:
+        """`ids`, or with truncate="left" its last tokens that leave room for max_new_tokens (with a warning);
+        without truncate a prompt that does not fit is left for the engine to refuse."""
+        limit = self.context_length
+        if truncate is None or limit is None or len(ids) + max_new_tokens <= limit:
+            return ids
+        if truncate != "left":
+            raise TianyingError(f"truncate must be 'left' or None, got {truncate!r}")
+        keep = limit - max_new_tokens
+        if keep < 1:
+            raise TianyingError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the context of "
+                                f"{limit} tokens")
+        import warnings
+
+        warnings.warn(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                      f"{limit} tokens: its first {len(ids) - keep} tokens are dropped", stacklevel=3)
+        return ids[-keep:]
 
     def encode_prompt(self, prompt: str, bos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(prompt, bos=bos)

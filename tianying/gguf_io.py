@@ -73,6 +73,8 @@ _SPLIT_PRE = {
              r"\s+(?!\S)|\s+",
 }
 _SPLIT_PRE.update({"llama3": _SPLIT_PRE["llama-bpe"], "llama-v3": _SPLIT_PRE["llama-bpe"]})
+# GPT-2's regex after splitting off every digit (llama.cpp: LLAMA_VOCAB_PRE_TYPE_SMOLLM and its kin)
+_DIGIT_PRE = ("smollm", "starcoder", "refact")
 
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
         "lm_head.weight": "output.weight"}
@@ -338,9 +340,9 @@ def _read_tokenizer(reader, path: Path) -> tuple[Any, dict]:  # noqa: ANN001
     if model != "gpt2":
         raise GGUFError(f"{path}: tokenizer model {model!r} is not supported (only gpt2-style byte-level BPE)")
     pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
-    if pre not in _GPT2_PRE and pre not in _SPLIT_PRE:
+    if pre not in _GPT2_PRE and pre not in _SPLIT_PRE and pre not in _DIGIT_PRE:
         raise GGUFError(f"{path}: pre-tokenizer {pre!r} is not supported "
-                        f"(known: {', '.join([*_GPT2_PRE, *_SPLIT_PRE])})")
+                        f"(known: {', '.join([*_GPT2_PRE, *_SPLIT_PRE, *_DIGIT_PRE])})")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     if not tokens:
         raise GGUFError(f"{path}: no tokenizer.ggml.tokens")
@@ -371,6 +373,10 @@ def _read_tokenizer(reader, path: Path) -> tuple[Any, dict]:  # noqa: ANN001
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _DIGIT_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     else:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

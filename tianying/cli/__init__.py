@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from tianying import __version__
 from tianying.errors import TianyingError
@@ -33,9 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_warnings(verb: str):  # noqa: ANN202 - the previous showwarning
+    """Warnings as one line, `tianying VERB: warning: MSG`: a user needs the message, not our source line."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"tianying {verb}: warning: {message}", file=file or sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, show
+    return previous
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parse_args, except that key=value overrides may also follow options (`pretrain … --resume lr=1e-4`), and
+    an unknown option is reported with the verb's own usage line rather than the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+        return args
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subs.choices[args.verb].error(f"unrecognized arguments: {' '.join(extra)}")
+    raise AssertionError  # error() exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    previous_showwarning = _cli_warnings(args.verb)
     try:
         rc = args.func(args)
     except TianyingError as e:
@@ -53,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tianying {args.verb}: internal error: {type(e).__name__}: {e} "
               "(set TIANYING_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = previous_showwarning  # main() called from Python leaves no trace
     return int(rc or 0)
 
 

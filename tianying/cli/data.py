@@ -11,7 +11,10 @@ def register(sub) -> None:
                                    "sequence per document.")
     dsub = p.add_subparsers(dest="data_cmd", metavar="CMD")
     dsub.required = True
-    ix = dsub.add_parser("index", help="tokenize JSONL / text files into PREFIX.bin and PREFIX.idx")
+    ix = dsub.add_parser("index", help="tokenize JSONL / text files into PREFIX.bin and PREFIX.idx",
+                         description="Tokenize JSONL or plain-text files (optionally .gz) into a Megatron "
+                                     "MMapIndexedDataset, PREFIX.bin + PREFIX.idx: one BOS … EOS sequence per "
+                                     "document, the input for `tianying pretrain` (data=PREFIX).")
     ix.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL ({\"text\": ...} per line) or plain-text files, optionally .gz")
     ix.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
@@ -20,9 +23,12 @@ def register(sub) -> None:
     ix.add_argument("--json-key", default="text", help="JSONL field holding the document (default text)")
     ix.add_argument("--text-split", choices=["paragraph", "line", "file"], default="paragraph",
                     help="plain text: a document per blank-line-separated paragraph (default), line, or file")
-    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                    help="no progress bar (--quiet: the old name)")
     ix.set_defaults(func=run_index)
-    info = dsub.add_parser("info", help="print the size and element type of an indexed dataset")
+    info = dsub.add_parser("info", help="print the size and element type of an indexed dataset",
+                           description="Print an indexed dataset's documents, sequences, tokens, element type "
+                                       "and largest token id as one JSON line.")
     info.add_argument("prefix", metavar="PREFIX")
     info.set_defaults(func=run_info)
 
@@ -31,7 +37,7 @@ def run_index(args) -> int:
     from tianying.data.indexed import build_indexed_dataset
 
     stats = build_indexed_dataset(args.input, args.tokenizer, args.output, workers=max(1, args.workers),
-                                  json_key=args.json_key, text_split=args.text_split, progress=not args.quiet)
+                                  json_key=args.json_key, text_split=args.text_split, progress=not args.no_progress)
     print(f"{stats['documents']} documents, {stats['tokens']} tokens ({stats['dtype']}) → "
           f"{stats['bin']}, {stats['idx']}")
     return 0

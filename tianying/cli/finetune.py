@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tianying.cli._common import add_progress_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("finetune", help="supervised finetuning on conversations: full, LoRA or Q-LoRA",
@@ -41,6 +43,7 @@ def register(sub) -> None:
                    help="gradient accumulation steps (a smaller batch_size at the same effective batch)")
     g.add_argument("--pack", action="store_true", help="pack several short conversations into each row")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (and a bf16 frozen base for lora)")
+    add_progress_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lr=1e-4")
     p.set_defaults(func=run)
 
@@ -61,7 +64,8 @@ def run(args) -> int:
     flags = [f"{k}={v if k in ('method', 'policy', 'dpo_loss') else json.dumps(v)}"
              for k, v in values.items() if v is not None]
     switches = {"skip_bad=true": args.skip_bad, "activation_checkpointing=true": args.activation_checkpointing,
-                "pack=true": args.pack, "precision=bf16": args.bf16, "precompute_ref=true": args.precompute_ref}
+                "pack=true": args.pack, "precision=bf16": args.bf16, "precompute_ref=true": args.precompute_ref,
+                "progress=false": args.no_progress}
     flags += [flag for flag, on in switches.items() if on]
     cfg = load_config(FinetuneConfig, args.config, flags + list(args.overrides))
     try:

@@ -11,7 +11,10 @@ from tianying.errors import TianyingError
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt with a checkpoint",
                        description="Complete a prompt. Prints only the completion on stdout (streamed as it is "
-                                   "generated); --temperature 0 (the default) is greedy decoding.")
+                                   "generated, exactly the model's text: no newline is added; on a terminal one "
+                                   "goes to stderr so the shell prompt starts on its own line); --temperature 0 "
+                                   "(the default) is greedy decoding. Without CKPT: the default demo model "
+                                   "(SmolLM2-135M-Instruct, `make demo` installs it).")
     add_load_args(p)
     p.add_argument("--prompt", default=None, help="the text to complete (default: read stdin)")
     p.add_argument("--bos", action="store_true", help="prepend the BOS token ([CLS]) to the prompt")
@@ -24,8 +27,11 @@ def run(args) -> int:
     if not prompt:
         raise TianyingError("empty prompt (give --prompt TEXT or pipe text on stdin)")
     llm = load_llm(args)
+    text = ""
     for piece in llm.generate(prompt, stream=True, bos=args.bos, **sampling_kwargs(args)):
+        text += piece
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    if sys.stdout.isatty() and not text.endswith("\n"):
+        sys.stderr.write("\n")  # stdout stays exactly the completion, even on a terminal
     return 0

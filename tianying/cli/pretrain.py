@@ -5,6 +5,8 @@ Launch with torchrun for several processes (`torchrun --nproc_per_node N -m tian
 
 from __future__ import annotations
 
+from tianying.cli._common import add_progress_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a model on indexed datasets",
@@ -16,6 +18,7 @@ def register(sub) -> None:
                    help="continue from the newest complete checkpoint in out_dir (bit-exact)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an out_dir that is not empty (its old checkpoints are kept)")
+    add_progress_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lr=1e-4")
     p.set_defaults(func=run)
 
@@ -26,7 +29,8 @@ def run(args) -> int:
     from tianying.recipes.pretrain import PretrainConfig, run_pretrain
     from tianying.train.loop import TrainingInterrupted, load_config
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    switches = ["progress=false"] if args.no_progress else []
+    cfg = load_config(PretrainConfig, args.config, switches + list(args.overrides))
     try:
         res = run_pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tianying.cli._common import add_progress_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                             "(desc_act; usually better at 4 bits)")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping as a fraction of mean diag(H)")
     p.add_argument("--seed", type=int, default=0, help="gptq: seed for choosing calibration windows")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         samples = calibration_samples(args.calibration, Tokenizer.from_dir(args.checkpoint), args.samples,
                                       args.seq_len, args.seed)
         gptq_quantize(model, samples, bits=args.bits, group_size=args.group_size, sym=not args.asym,
-                      act_order=args.act_order, damp=args.damp, lm_head=args.quantize_lm_head)
+                      act_order=args.act_order, damp=args.damp, lm_head=args.quantize_lm_head,
+                      progress=not args.no_progress)
     spec = next(iter(quantized_layers(model).values())).spec  # after any group-size fallback
     model.to(torch.float16)  # what GPTQ checkpoints store for the unquantized tensors
     out = save_quantized(model, cfg, args.out, tokenizer_dir=args.checkpoint, method=args.method,

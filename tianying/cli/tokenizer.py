@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from tianying.cli._common import add_progress_arg
 from tianying.errors import TianyingError
 
 LANGS = ("en", "zh", "code")
@@ -37,6 +38,7 @@ def register(subparsers) -> None:
     t.add_argument("--output", required=True, metavar="DIR", help="directory to write the tokenizer files to")
     t.add_argument("--min-frequency", type=int, default=2, metavar="N",
                    help="a pair must occur at least N times to be merged (default: 2)")
+    add_progress_arg(t)
     t.set_defaults(func=run_train)
 
     s = sub.add_parser(
@@ -56,6 +58,7 @@ def register(subparsers) -> None:
     s.add_argument("--max-docs", type=int, default=None, metavar="N",
                    help="use at most the first N documents of each language (default: all)")
     s.add_argument("--json", metavar="OUT", help="also write the JSON result to this file")
+    add_progress_arg(s)
     s.set_defaults(func=run_stats)
 
 
@@ -64,16 +67,17 @@ def run_train(args: argparse.Namespace) -> int:
 
     from tianying.tokenizer import iter_documents, train_bpe
 
-    docs = tqdm(iter_documents(args.input), desc="reading", unit=" docs", disable=None, file=sys.stderr)
+    docs = tqdm(iter_documents(args.input), desc="reading", unit=" docs", disable=True if args.no_progress else None,
+                file=sys.stderr)
     tok = train_bpe(args.input, args.vocab_size, args.output, min_frequency=args.min_frequency, texts=docs,
-                    show_progress=sys.stderr.isatty())
+                    show_progress=sys.stderr.isatty() and not args.no_progress)
     print(f"wrote {args.output}: vocab_size {tok.vocab_size} ({tok.base_vocab_size} BPE + "
           f"{tok.vocab_size - tok.base_vocab_size} special), bos {tok.bos_id}, eos {tok.eos_id}, "
           f"unk/pad {tok.unk_id}")
     return 0
 
 
-def tokenizer_stats(tokenizers: dict[str, object], docs: list[tuple[str, str]]) -> list[dict]:
+def tokenizer_stats(tokenizers: dict[str, object], docs: list[tuple[str, str]], progress: bool = True) -> list[dict]:
     """Per tokenizer: vocab size, tokens per document by language, bytes per token overall and by language."""
     from tqdm import tqdm
 
@@ -87,7 +91,8 @@ def tokenizer_stats(tokenizers: dict[str, object], docs: list[tuple[str, str]]) 
         total_tokens = total_bytes = 0
         for lang, texts in by_lang.items():
             n_tokens = n_bytes = 0
-            bar = tqdm(total=len(texts), desc=f"{name} {lang}", unit=" docs", disable=None, file=sys.stderr)
+            bar = tqdm(total=len(texts), desc=f"{name} {lang}", unit=" docs", disable=None if progress else True,
+                       file=sys.stderr)
             for i in range(0, len(texts), 256):
                 batch = texts[i:i + 256]
                 n_tokens += sum(len(ids) for ids in tok.encode_batch(batch))
@@ -142,7 +147,7 @@ def run_stats(args: argparse.Namespace) -> int:
         docs.append((text, lang))
     if not docs:
         raise TianyingError(f"no documents in {', '.join(args.input)}")
-    results = tokenizer_stats(tokenizers, docs)
+    results = tokenizer_stats(tokenizers, docs, progress=not args.no_progress)
     print(format_table(results))
     payload = {"inputs": list(args.input), "results": results}
     if args.json:

@@ -121,7 +121,8 @@ class MemoryEstimate:
         g = 1 / 2**20
         return (f"memory estimate: weights {self.weights * g:.1f} MiB + gradients {self.grads * g:.1f} MiB + "
                 f"optimizer {self.optimizer * g:.1f} MiB + activations {self.activations * g:.1f} MiB "
-                f"= {self.total * g:.1f} MiB")
+                f"= {self.total * g:.1f} MiB (a lower bound: allocator overhead, temporaries and the data "
+                f"are not counted; the measured peak is printed after training)")
 
 
 def estimate_memory(mcfg: Config, method: str, batch_size: int, seq_length: int, precision: str = "fp32",

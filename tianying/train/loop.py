@@ -264,23 +264,18 @@ class LossScaler:
 _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12, "L40": 181e12, "4090": 165e12}
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Dense peak FLOP/s of one device: a table for GPUs (bf16 tensor cores), a measured matmul on CPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of one device from a table of GPUs (bf16 tensor cores); None where no peak is known.
+
+    No CPU entry: a measured matmul is not a peak (a training step's large matmuls beat a short 512³ probe, so
+    "MFU" came out above 100%), and vendors publish no per-dtype CPU peak we could look up. Set `peak_flops` in
+    the config to get an MFU column on such a device."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for k, v in _GPU_PEAK.items():
             if k in name:
                 return v if dtype != torch.float32 else v / 2  # TF32 is half the bf16 rate
-        return 100e12
-    n = 512
-    g = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run restored it just before this
-    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
-    a @ b
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.05:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return None
 
 
 def flops_per_token(n_params_no_embed: int, n_layer: int, hidden: int, seq_len: int) -> float:
@@ -493,6 +488,13 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
 
         bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
+    if valid is not None and valid.steps_per_epoch < 1 and info.is_main:
+        import warnings
+
+        warnings.warn(f"the validation set has {len(valid.dataset)} rows, fewer than one batch of "
+                      f"{valid.global_batch}: no validation loss will be computed (lower batch_size, or give more "
+                      "validation data)", stacklevel=2)
+
     def evaluate() -> float | None:
         if valid is None or valid.steps_per_epoch < 1:
             return None
@@ -581,7 +583,7 @@ def train(model: nn.Module, batches: StepBatches, cfg: TrainConfig, *,
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
             if done % cfg.log_interval == 0 or done == total:
                 tps = acc["tokens"] / max(acc["time"], 1e-9)
-                mfu = tps * flops_per_tok / (peak * info.world_size) if flops_per_tok else None
+                mfu = tps * flops_per_tok / (peak * info.world_size) if flops_per_tok and peak else None
                 last_loss = acc["loss"] / acc["n"]
                 logger.log({"step": done, "loss": last_loss, "lr": lr, "grad_norm": acc["gnorm"] / acc["n"],
                             "tokens_per_sec": tps, "mfu": mfu, "tokens": tokens_seen,
