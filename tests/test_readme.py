@@ -38,7 +38,7 @@ FAST = [
 # no checkpoint: the default model (requirements-demo.txt), run with the fast ones where it is installed
 DEMO = [r"(^|\| )(\.venv/bin/)?tianying (chat|generate|serve)( --|\s*$|\s+#)"]
 SLOW = [r"^tianying data index ", r"^tianying pretrain ", r"^tianying finetune ", r"^tianying chat runs/",
-        r"^tianying chat models/demo(-chat-lora)?( |$)", r"^tianying merge-lora "]
+        r"^tianying chat models/demo(-chat-lora|-chat)?( |$)", r"^tianying merge-lora "]
 SHORTEN = {"pretrain": "max_steps=2 batch_size=4 eval_interval=1 eval_iters=1 save_interval=1",
            "finetune": "max_steps=2 batch_size=4 eval_interval=2 eval_iters=1 save_interval=1"}
 
