@@ -210,6 +210,7 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()  # callers stepping from several threads take turns
+        self._looping = False  # a serve_forever loop steps (requests wait for it instead of stepping)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # decode forwards
@@ -264,7 +265,7 @@ class Engine:
         """Run a worker thread that steps whenever there is work (the server's mode)."""
         if self._thread is None:
             self._closed = False
-            self._thread = threading.Thread(target=self._loop, name="tianying-engine", daemon=True)
+            self._thread = threading.Thread(target=self.serve_forever, name="tianying-engine", daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -297,7 +298,7 @@ class Engine:
         open_ = sum(r.params.n for r in requests)
         try:
             while open_:
-                if self._thread is None:
+                if not self._looping:
                     with self._step_lock, torch.inference_mode():
                         self.step()
                 else:
@@ -311,7 +312,7 @@ class Engine:
         finally:
             for r in requests:
                 r.cancel()
-            if self._thread is None and any(s is not None for s in self._rows):
+            if not self._looping and any(s is not None for s in self._rows):
                 with self._step_lock, torch.inference_mode():
                     self.step()  # frees the rows of requests abandoned mid-way
 
@@ -370,13 +371,25 @@ class Engine:
         return row
 
     # ------------------------------------------------------------------ worker
-    def _loop(self) -> None:
+    def serve_forever(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Step whenever there is work, in the calling thread, until `close()` or `stop()` (checked twice a
+        second). `tianying serve` runs this on the main thread and HTTP on another: libgomp throttles the
+        spin-wait of its workers once two threads have OpenMP pools on a machine with few cores (measured here:
+        the int8 decode step of a 135M model at 2 threads ran 2x slower in a second thread), and the model was
+        loaded — its first parallel region run — on the main thread."""
+        self._looping = True
+        try:
+            self._loop(stop)
+        finally:
+            self._looping = False
+
+    def _loop(self, stop: Callable[[], bool] = lambda: False) -> None:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._closed and not self._waiting and not any(self._rows):
-                        self._cv.wait()
-                    if self._closed:
+                    while not self._closed and not self._waiting and not any(self._rows) and not stop():
+                        self._cv.wait(0.5)
+                    if self._closed or stop():
                         break
                 with self._step_lock:
                     self.step()

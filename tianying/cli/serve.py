@@ -87,7 +87,8 @@ def run(args) -> int:
     origins = [o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()]
     app = create_app(llm, model_name=args.model_name, api_key=args.api_key, max_concurrency=args.max_concurrency,
                      prefix_cache_bytes=args.prefix_cache << 20, prefill_chunk=args.prefill_chunk,
-                     allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None, allowed_origins=origins)
+                     allowed_hosts=(*LOOPBACK_HOSTS, args.host) if loopback else None, allowed_origins=origins,
+                     engine_thread=False)
     if args.flagai_api:
         from tianying.serve.flagai_api import add_flagai_routes
 
@@ -95,9 +96,10 @@ def run(args) -> int:
     auth = "API key required" if args.api_key else "no API key"
     print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    from tianying.serve.http import config
+    from tianying.serve.http import config, serve_with_engine
 
-    uvicorn.Server(config(app, args.host, args.port, header_timeout=args.header_timeout,
-                          max_connections=args.max_connections, log_level="info",
-                          timeout_graceful_shutdown=5)).run()
+    server = uvicorn.Server(config(app, args.host, args.port, header_timeout=args.header_timeout,
+                                   max_connections=args.max_connections, log_level="info",
+                                   timeout_graceful_shutdown=5))
+    serve_with_engine(server, app.state.engine)
     return 0

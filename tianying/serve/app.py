@@ -176,12 +176,14 @@ def _unknown_fields(req: _Body) -> list[str]:
 def create_app(llm, *, model_name: str | None = None, api_key: str | None = None, max_concurrency: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES, max_waiting: int = 1024,
                prefix_cache_bytes: int = 256 << 20, prefill_chunk: int = 512,
-               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+               engine_thread: bool = True) -> FastAPI:
     """A FastAPI app serving `llm` (a `tianying.api.LLM`); the engine's worker thread runs while the app is up.
 
     `allowed_hosts`: Host header names accepted (None: any); a server bound to a loopback address passes
     LOOPBACK_HOSTS so that a web page cannot reach it through DNS rebinding. `allowed_origins`: origins that
-    may read responses from a browser (CORS); none by default.
+    may read responses from a browser (CORS); none by default. `engine_thread=False`: the caller runs
+    `app.state.engine.serve_forever()` itself (`tianying serve` does, on the main thread; see there).
     """
     from tianying.templates import get_template
 
@@ -195,7 +197,8 @@ def create_app(llm, *, model_name: str | None = None, api_key: str | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         prev, llm._engine = llm._engine, engine  # LLM.generate in this process shares the running engine
-        engine.start()
+        if engine_thread:
+            engine.start()
         try:
             yield
         finally:

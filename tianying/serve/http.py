@@ -9,6 +9,8 @@ arrived in full when it fires closes the connection.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -60,3 +62,22 @@ def config(app, host: str, port: int, *, header_timeout: float = HEADER_TIMEOUT,
     protocol = type("TimedH11", (_TimedH11,), {"header_timeout": float(header_timeout)})
     return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=KEEP_ALIVE,
                           limit_concurrency=max_connections, **kw)
+
+
+def serve_with_engine(server: uvicorn.Server, engine) -> None:  # noqa: ANN001 - a tianying.engine.Engine
+    """HTTP on a thread, the engine's steps on this (the main) thread, until Ctrl-C / SIGTERM or the server
+    stops (see `Engine.serve_forever` for why the model computes on the main thread)."""
+    http = threading.Thread(target=server.run, name="tianying-http", daemon=True)
+
+    def stop(*_) -> None:  # noqa: ANN002
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)  # uvicorn installs no handlers off the main thread
+    signal.signal(signal.SIGINT, stop)
+    http.start()
+    try:
+        engine.serve_forever(stop=lambda: not http.is_alive())
+    finally:
+        server.should_exit = True
+        http.join(15)
+        engine.close()
