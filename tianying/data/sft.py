@@ -417,6 +417,14 @@ def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, template,
     return ids, labels, truncated
 
 
+def bad_record(stats: SFTStats, msg: str, skip_bad: bool) -> None:
+    """A malformed record: one clear error, or (with --skip-bad) counted and remembered for the summary."""
+    if not skip_bad:
+        raise SFTDataError(msg + "; pass --skip-bad to skip such records")
+    stats.skipped_bad += 1
+    if len(stats.errors) < 20:
+        stats.errors.append(msg)
+
 def load_sft(paths: str | Path | Sequence[str | Path], tokenizer, template, seq_length: int,
              skip_bad: bool = False, limit: int | None = None, columns: dict[str, str] | None = None,
              split: str | None = None) -> tuple[list[SFTExample], SFTStats]:
@@ -436,12 +444,7 @@ def load_sft(paths: str | Path | Sequence[str | Path], tokenizer, template, seq_
                 messages = record_messages(map_columns(rec, columns))
                 ids, labels, truncated = encode_conversation(messages, tokenizer, template, seq_length + 1)
             except (ValueError, TemplateError) as e:
-                msg = f"{path}: record {rid}: {e}"
-                if not skip_bad:
-                    raise SFTDataError(msg + "; pass --skip-bad to skip such records") from None
-                stats.skipped_bad += 1
-                if len(stats.errors) < 20:
-                    stats.errors.append(msg)
+                bad_record(stats, f"{path}: record {rid}: {e}", skip_bad)
                 continue
             ex = SFTExample(rid, ids, labels, truncated)
             if ex.n_trained == 0:

@@ -33,6 +33,7 @@ from tianying.data.sft import (
     IGNORE,
     SFTDataError,
     SFTStats,
+    bad_record,
     encode_conversation,
     map_columns,
     read_records,
@@ -75,12 +76,7 @@ def load_preference(paths: str | Path | Sequence[str | Path], tokenizer, templat
                 r = encode_conversation(prompt + [rejected], tokenizer, template, seq_length + 1,
                                         last_reply_only=True)
             except (ValueError, TemplateError) as e:
-                msg = f"{path}: record {rid}: {e}"
-                if not skip_bad:
-                    raise SFTDataError(msg + "; pass --skip-bad to skip such records") from None
-                stats.skipped_bad += 1
-                if len(stats.errors) < 20:
-                    stats.errors.append(msg)
+                bad_record(stats, f"{path}: record {rid}: {e}", skip_bad)
                 continue
             # a pair needs a trained token on both sides (the prompt alone may fill seq_length)
             if not any(x != IGNORE for x in c[1][1:]) or not any(x != IGNORE for x in r[1][1:]):
