@@ -20,7 +20,7 @@ from tianying.data.sft import (
 
 SPECIALS = ("<|startofpiece|>", "<|endofpiece|>", "</s>")
 TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
-SFT_DIR = Path("/work/shared/data/sft")
+SFT_DIR = Path(__file__).parents[1] / "samples" / "sft"  # bundled from the shared chat data (samples/README.md)
 
 
 class CharTokenizer:
@@ -222,12 +222,11 @@ def test_packing_keeps_labels_and_never_predicts_across_conversations(tmp_path):
     assert (y[1:, -1] == IGNORE).all() or len(rows[1]) == len(r0)
 
 
-@pytest.mark.skipif(not (SFT_DIR / "chatterbot.valid.json").is_file(), reason="shared SFT data not present")
 def test_real_sft_file_every_record_encodes():
     from tianying.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(Path(__file__).parents[1] / "tianying" / "assets" / "demo-tokenizer")
-    examples, stats = load_sft(SFT_DIR / "chatterbot.valid.json", tok, "aquila-v1", 256)
+    examples, stats = load_sft(SFT_DIR / "chatterbot.json", tok, "aquila-v1", 256)
     assert stats.skipped_bad == 0 and stats.records == len(examples) > 100
     ex = examples[0]
     trained = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
