@@ -41,7 +41,8 @@ demo: install-demo
 
 # Quantized kernels differ by backend and by CPU (issue 12): their tests run again with each backend forced,
 # and as an AVX2-only and a no-AVX2 x86-64 machine run them (torch's dispatch level, the portable C++ build).
-BACKEND_TESTS := tests/test_quantize.py tests/test_quantize_load.py tests/test_offload.py
+BACKEND_TESTS := tests/test_quantize.py tests/test_quantize_load.py tests/test_offload.py \
+                 tests/test_gguf.py::test_q4_0_fast_kernels_agree tests/test_weights.py::test_awq_checkpoint_loads_as_int4
 QUANT_TESTS   := $(BACKEND_TESTS) tests/test_native_kernels.py tests/test_native_decode.py
 
 test: install browser sandbox

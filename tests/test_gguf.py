@@ -371,8 +371,13 @@ def test_q4_0_fast_kernels_agree(tmp_path):
     layer = ours.model.layers[0].mlp.gate_proj
     assert (layer.scales < 0).any()
     x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    want = x @ layer.dequantize().t()
-    assert torch.allclose(layer(x), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    w = layer.dequantize()
+    # within the backend's analytic bound (a sign taken wrongly would be off by the product itself); runs on every
+    # backend in `make test` (TIANYING_QUANT_BACKEND=aten rounds activations to bf16)
+    from tianying.quantize.linear import product_bound
+
+    bound = product_bound(x, w, layer.path_for(torch.float32), layer.spec)
+    assert ((layer(x) - x @ w.t()).abs() <= bound).all()
 
 
 def test_tied_embeddings(tmp_path, reference_backend):
