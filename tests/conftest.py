@@ -131,3 +131,12 @@ def tiny_hf_checkpoint(tmp_path):
 def token_ids():
     """A [2, 16] batch of token ids valid for the test configs (vocab 512)."""
     return torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy machine (training tests use it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,12 +29,7 @@ CFG = dict(vocab_size=3008, hidden_size=32, intermediate_size=64, bos_token_id=3
            pad_token_id=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def _ours(hf) -> torch.nn.Module:  # noqa: ANN001
