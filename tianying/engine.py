@@ -96,6 +96,8 @@ class _Seq:
         self.prefilled = 0  # prompt tokens in the cache
         self.generated = 0
         self.cached = 0  # prompt tokens taken from the prefix cache
+        self.others: list[_Seq] = []  # the request's other choices, which copy this row once the prompt is in
+        self.prompt_lp: list[TokenLogprob] | None = None  # with params.prompt_logprobs
         p = req.params
         self.decoder = engine.tokenizer.stream_decoder() if engine.tokenizer is not None else None
         self.matcher = StopMatcher(p.stop)
@@ -513,11 +515,11 @@ class Engine:
         # the prompt is in: its blocks become reusable, the other choices copy this row
         if self.prefix.max_bytes > 0:
             self.prefix.insert(s.tokens, cache, s.row)
-        for o in getattr(s, "others", ()):
+        for o in s.others:
             cache.copy_row(s.row, o.row)
             o.prefilled, o.cached = len(prompt), s.cached
         last = logits[-1:]
-        for o in [s, *getattr(s, "others", ())]:
+        for o in [s, *s.others]:
             if s.req.params.max_new_tokens == 0:
                 self._finish(o, "", "length")
             else:
@@ -530,7 +532,8 @@ class Engine:
         ids = torch.zeros((hi, 1), dtype=torch.long)
         for s in run:
             ids[s.row, 0] = s.tokens[-1]
-        view = _ActiveRows(cache, 0, hi, {s.row for s in run})
+        # idle or prefilling rows in the range ride along inert (see KVCache.view)
+        view = cache.view(0, hi, active={s.row for s in run})
         try:
             logits = self.model(ids.to(self.device), cache=view, last_only=True)[:, -1].float()
         except Exception as e:  # noqa: BLE001 - cannot tell whose it is: the rows of this step fail
@@ -546,12 +549,14 @@ class Engine:
             logits[:, self.vocab_limit:] = float("-inf")
         greedy = [i for i, s in enumerate(seqs) if s.req.params.plain_greedy]
         picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        # a row with NaN or nothing finite fails its request (one check for the whole step)
+        valid = (torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)).tolist()
         for i, s in enumerate(seqs):
             if s.req.cancelled and s.req.open == 0:
                 continue
             try:
                 row = logits[i:i + 1]
-                if not bool(torch.isfinite(row).any()) or bool(torch.isnan(row).any()):
+                if not valid[i]:
                     raise GenerationError("the model produced NaN/non-finite logits for this request")
                 t = picked.get(i)
                 if t is None:
@@ -598,7 +603,7 @@ class Engine:
         if first:
             extra = {"cached_tokens": s.cached}
             if p.prompt_logprobs:
-                extra["prompt_logprobs"] = getattr(s, "prompt_lp", None)
+                extra["prompt_logprobs"] = s.prompt_lp
         if t in p.stop_token_ids:
             tail = ""
             if s.decoder is not None:
@@ -627,25 +632,10 @@ class Engine:
         self._free(s, store=True)
         s.req.open -= 1
         if s.req.params.max_new_tokens == 0 and s.req.params.prompt_logprobs:
-            extra["prompt_logprobs"] = getattr(s, "prompt_lp", None)
+            extra["prompt_logprobs"] = s.prompt_lp
             extra["cached_tokens"] = s.cached
         self._emit(s.req, Event(s.index, text, tokens or [], lps or [], reason, len(s.req.prompt_ids), s.generated,
                                 **extra))
-
-
-class _ActiveRows:
-    """Rows [lo, hi) of the cache for one decode step, of which only `active` advance (the others are idle
-    or still prefilling: they write one slot past their length, which their next real write overwrites)."""
-
-    def __init__(self, cache: KVCache, lo: int, hi: int, active: set[int]) -> None:
-        self.cache, self.lo, self.hi, self.active = cache, lo, hi, active
-
-    def begin(self, T: int, device=None):  # noqa: ANN001, ANN201
-        return self.cache.view(self.lo, self.hi).begin(T, device)
-
-    def end(self, step) -> None:  # noqa: ANN001
-        for r in self.active:
-            self.cache.lengths[r] += step.T
 
 
 def _token_logprob(lp: torch.Tensor, token: int, k: int) -> TokenLogprob:

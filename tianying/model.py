@@ -105,14 +105,16 @@ class KVCache:
         for r in range(self.rows) if row is None else (row,):
             self.lengths[r] = 0
 
-    def view(self, lo: int, hi: int) -> CacheRows:
-        return CacheRows(self, lo, hi)
+    def view(self, lo: int, hi: int, active: set[int] | None = None) -> CacheRows:
+        """Rows [lo, hi); with `active`, only those rows advance. The others (idle, or still prefilling) write
+        one slot past their length in a one-token step, which their next real write overwrites."""
+        return CacheRows(self, lo, hi, active)
 
     def begin(self, T: int, device: torch.device | None = None) -> CacheStep:
         return CacheStep(self, 0, self.rows, T)
 
-    def end(self, step: CacheStep) -> None:
-        for r in range(step.lo, step.hi):
+    def end(self, step: CacheStep, active: set[int] | None = None) -> None:
+        for r in range(step.lo, step.hi) if active is None else active:
             self.lengths[r] += step.T
 
     def slot(self, j: torch.Tensor) -> torch.Tensor:
@@ -147,14 +149,14 @@ class KVCache:
 class CacheRows:
     """Rows [lo, hi) of a KVCache, with the cache's step protocol."""
 
-    def __init__(self, cache: KVCache, lo: int, hi: int) -> None:
-        self.cache, self.lo, self.hi = cache, lo, hi
+    def __init__(self, cache: KVCache, lo: int, hi: int, active: set[int] | None = None) -> None:
+        self.cache, self.lo, self.hi, self.active = cache, lo, hi, active
 
     def begin(self, T: int, device: torch.device | None = None) -> CacheStep:
         return CacheStep(self.cache, self.lo, self.hi, T)
 
     def end(self, step: CacheStep) -> None:
-        self.cache.end(step)
+        self.cache.end(step, self.active)
 
 
 class CacheStep:
