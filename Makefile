@@ -43,7 +43,7 @@ demo: install-demo
 # and as an AVX2-only and a no-AVX2 x86-64 machine run them (torch's dispatch level, the portable C++ build).
 BACKEND_TESTS := tests/test_quantize.py tests/test_quantize_load.py tests/test_offload.py \
                  tests/test_gguf.py::test_q4_0_fast_kernels_agree tests/test_weights.py::test_awq_checkpoint_loads_as_int4
-QUANT_TESTS   := $(BACKEND_TESTS) tests/test_native_kernels.py tests/test_native_decode.py
+QUANT_TESTS   := $(BACKEND_TESTS) tests/test_native_kernels.py tests/test_ops.py
 
 test: install browser sandbox
 	$(BIN)/python -m pytest

@@ -14,6 +14,15 @@ noise from other processes hits both alike; medians of `--repeats` after `--warm
 
     .venv/bin/python benchmarks/generate.py --sizes demo,tiny,small --dtypes fp32,bf16 --threads 2
 
+With `--llama-cpp DIR` it instead measures tianying against llama.cpp on the same random weights of a shape
+(`--shape 135m`: the issues' 135M LLaMA shape): the checkpoint is exported to GGUF by tianying's exporter,
+llama-quantize makes BF16, Q8_0 and pure Q4_0 (every matrix, LM head included) files, llama-bench measures
+pp512 and tg64 and llama-batched-bench batch-8 decode; tianying loads the same checkpoint as fp32, bf16,
+int8 + head and int4 (g64) + head and measures decode at batch 1 and 8 (decode steps only: the time of
+1 + N tokens minus that of 1) and a 512-token prefill (the time to the first token), through the engine:
+
+    .venv/bin/python benchmarks/generate.py --llama-cpp /path/to/llama.cpp --shape 135m --threads 2
+
 Prints one table per size and, as its last line, one JSON document.
 """
 
@@ -153,6 +162,124 @@ def worker_memory(a) -> dict:
     return {"peak_mb": vm_hwm_mb(), "weights_mb": weights_mb}
 
 
+# ---------------------------------------------------------------------------------------------- vs llama.cpp
+PEER_VARIANTS = [  # tianying (dtype, quantize) and the llama.cpp file of the same weights
+    ("fp32", torch.float32, None, "f32"),
+    ("bf16", torch.bfloat16, None, "bf16"),
+    ("int8 + head", torch.float32, "int8-head", "q8_0-pure"),
+    ("int4 g64 + head", torch.float32, {"bits": 4, "group_size": 64, "sym": True, "lm_head": True}, "q4_0-pure"),
+]
+
+
+def ours_rates(ckpt, dtype, quant, threads: int, batch: int, prompt: int, new: int, prefill: int,
+               repeats: int) -> dict:
+    """tok/s of decode at batch 1 and `batch` (steps only) and of one `prefill`-token prompt, via the engine."""
+    from tianying.engine import Engine
+    from tianying.generate import SamplingParams
+    from tianying.quantize import load
+
+    model, cfg = load(ckpt, dtype=dtype, quantize=quant)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    engine = Engine(model, max_batch=batch, max_len=max(prompt + new, prefill) + 2, prefill_chunk=prefill,
+                    prefix_cache_bytes=0)
+
+    def timed(ids: list, n: int) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            engine.generate_ids(ids, SamplingParams(max_new_tokens=n))
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    out = {}
+    for b in (1, batch):
+        ids = torch.randint(3, cfg.vocab_size, (b, prompt), generator=g).tolist()
+        out[f"decode_b{b}"] = b * new / max(timed(ids, new + 1) - timed(ids, 1), 1e-9)
+    ids = torch.randint(3, cfg.vocab_size, (1, prefill), generator=g).tolist()
+    out["prefill"] = prefill / timed(ids, 1)
+    out["weights_bytes"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                               if t is not model.model.embed_tokens.weight)
+    return out
+
+
+def peer_rates(bins: dict, gguf, threads: int, batch: int, prompt: int, new: int, prefill: int,
+               repeats: int) -> dict:
+    """llama-bench pp/tg and llama-batched-bench batch decode on one GGUF file."""
+    from llama_cpp import _run
+
+    p = _run([bins["llama-bench"], "-m", gguf, "-p", prefill, "-n", new, "-t", threads, "-r", repeats, "-o", "json"],
+             f"llama-bench {gguf.name}")
+    rows = json.loads(p.stdout)
+    out = {"decode_b1": next(float(r["avg_ts"]) for r in rows if r["n_gen"] == new and r["n_prompt"] == 0),
+           "prefill": next(float(r["avg_ts"]) for r in rows if r["n_prompt"] == prefill and r["n_gen"] == 0)}
+    bb = bins.get("llama-batched-bench")
+    if bb is not None:
+        p = _run([bb, "-m", gguf, "-c", (prompt + new) * batch + 64, "-b", 2048, "-ub", 512, "-npp", prompt,
+                  "-ntg", new, "-npl", batch, "-t", threads, "--output-format", "jsonl"],
+                 f"llama-batched-bench {gguf.name}")
+        rec = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+        out[f"decode_b{batch}"] = float(next(r["speed_tg"] for r in rec if int(r["pl"]) == batch))
+    return out
+
+
+def vs_llama_cpp(a) -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import llama_cpp as lc
+    from serve import random_checkpoint
+
+    bins = lc.find_binaries(a.llama_cpp)
+    bb = Path(bins["llama-bench"]).with_name("llama-batched-bench")
+    if bb.is_file():
+        bins["llama-batched-bench"] = bb
+    bw = read_bandwidth()
+    load0 = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tianying-vs-llama-") as tmp:
+        tmp = Path(tmp)
+        ckpt = random_checkpoint(a.shape, tmp / "ckpt")
+        f32 = tmp / "model-f32.gguf"
+        lc.export_gguf(ckpt, f32)
+        for label, dtype, quant, variant in PEER_VARIANTS:
+            if a.variants and label.split()[0] not in a.variants.split(","):
+                continue
+            gguf = f32 if variant == "f32" else lc.quantize(bins, f32, variant, tmp, a.threads)
+            print(f"{label}: llama.cpp {variant}...", file=sys.stderr, flush=True)
+            theirs = peer_rates(bins, gguf, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
+            print(f"{label}: tianying...", file=sys.stderr, flush=True)
+            ours = ours_rates(ckpt, dtype, quant, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
+            step = ours["weights_bytes"]
+            for m in ("decode_b1", f"decode_b{a.batch}", "prefill"):
+                bound = bw / step * (a.batch if m != "decode_b1" else 1) if m != "prefill" else None
+                rows.append({"weights": label, "llama_cpp": variant, "measure": m, "tianying": ours[m],
+                             "peer": theirs.get(m), "bound": bound, "weights_mb": step / 2**20})
+            if gguf != f32:
+                gguf.unlink()
+        shutil.rmtree(ckpt, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"\n## tianying vs llama.cpp, random {a.shape} weights, {a.threads} threads; read bandwidth "
+          f"{bw / 1e9:.1f} GB/s; load average {load0:.1f} → {load:.1f} on {os.cpu_count()} CPUs")
+    print("| weights (llama.cpp file) | measure | tianying | llama.cpp | ratio | bound | tianying % of bound |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    names = {"decode_b1": "decode b1 tok/s", f"decode_b{a.batch}": f"decode b{a.batch} tok/s",
+             "prefill": f"prefill {a.prefill} tok/s"}
+    for r in rows:
+        ratio = "-" if not r["peer"] else f"{r['tianying'] / r['peer']:.2f}×"
+        pct = "-" if r["bound"] is None or r["measure"] != "decode_b1" else f"{100 * r['tianying'] / r['bound']:.0f}%"
+        print(f"| {r['weights']} ({r['llama_cpp']}) | {names[r['measure']]} | {fmt(r['tianying'])} | "
+              f"{fmt(r['peer'])} | {ratio} | {fmt(r['bound']) if r['measure'] == 'decode_b1' else '-'} | {pct} |")
+    for label in dict.fromkeys(r["weights"] for r in rows):
+        rr = {r["measure"]: r["tianying"] for r in rows if r["weights"] == label}
+        print(f"{label}: batch-{a.batch} / batch-1 decode tokens/s = {rr[f'decode_b{a.batch}'] / rr['decode_b1']:.2f}×")
+    print(json.dumps({"bench": "generate_vs_llama_cpp", "shape": a.shape, "threads": a.threads,
+                      "bandwidth_gbs": bw / 1e9, "load_average": [load0, load], "batch": a.batch,
+                      "prompt": a.prompt, "new_tokens": a.new_tokens, "prefill": a.prefill, "results": rows}))
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def spawn(args: list[str], threads: int) -> dict:
     # a fixed mmap threshold makes glibc return freed tensors to the OS, so VmHWM is the true working set
@@ -181,6 +308,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="the larger decode batch")
     p.add_argument("--prefill", type=int, default=512, help="prefill prompt length")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--llama-cpp", metavar="DIR", help="measure against llama.cpp (built in DIR/build/bin) instead")
+    p.add_argument("--shape", default="135m", help="with --llama-cpp: a benchmarks/serve.py shape or a config name")
+    p.add_argument("--variants", default="", help="with --llama-cpp: comma-separated subset of fp32,bf16,int8,int4")
     p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -188,6 +318,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
+    if a.llama_cpp:
+        vs_llama_cpp(a)
+        return
     if a.worker:
         out = worker_timing(a) if a.worker == "timing" else worker_memory(a)
         print(json.dumps(out))

@@ -1,4 +1,4 @@
-"""The native int8/int4 CPU kernels (tianying/quantize/native.cpp) against the reference path.
+"""The native int8/int4 CPU kernels (tianying/ops/cpu.cpp) against the reference path.
 
 Reference: dequantize in fp32 (`dequantize`, the formula of the module docstring) then `F.linear`.
 The GEMV kernels sum in a different order, so they agree to |Δ| ≤ 1e-5·(|x|·|Ŵ|ᵀ); the dequantize
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tianying.quantize import QuantLinear, QuantSpec, native
+from tianying import ops as native
+from tianying.quantize import QuantLinear, QuantSpec
 from tianying.quantize.linear import dequantize, quantize_rtn
 
 pytestmark = [

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tianying import ops as native
 from tianying.config import Config
 from tianying.errors import TianyingError
 from tianying.model import build_model
@@ -14,7 +15,6 @@ from tianying.quantize import (
     QuantLinear,
     QuantSpec,
     apply_quantization,
-    native,
     parse_spec,
     quantize_model,
     quantized_layers,
@@ -290,7 +290,7 @@ def test_gptq_hand_packed_example_pins_the_layout() -> None:
             expected[n, k] = float(s[g, n]) * (int(q[k, n]) - int(z[g, n]))
     assert torch.equal(m.dequantize(), expected)
     x = torch.randn(3, 16)
-    # native kernels round activations to int16 per block: |Δ| ≤ 2⁻¹⁵·max|x|·Σ|Ŵ| (module docstring of native.py)
+    # native kernels round activations to int16 per block: |Δ| ≤ 2⁻¹⁵·max|x|·Σ|Ŵ| (module docstring of tianying.ops)
     bound = 2**-15 * x.abs().amax(-1, keepdim=True) * expected.abs().sum(-1) + 1e-5
     assert ((m(x) - x @ expected.t()).abs() <= bound).all()
     back = layer_to_gptq(m)

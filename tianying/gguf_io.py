@@ -490,7 +490,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
     """
     from tianying.checkpoint import parse_dtype
     from tianying.model import build_model
-    from tianying.quantize.linear import QuantLinear, set_submodule
+    from tianying.quantize.linear import set_submodule
 
     g = read_gguf(path)
     device = torch.device(device)
@@ -518,10 +518,6 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: str |
         raise GGUFError(f"{path}: {(left or unexpected)[0]} was not loaded")
     if g.tied:  # one Parameter, as tied embeddings are (assign made two views of one tensor)
         model.lm_head.weight = model.model.embed_tokens.weight
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        from tianying.quantize.decode import attach
-
-        attach(model)
     return model.eval(), g.cfg, g.tokenizer
 
 

@@ -13,7 +13,9 @@ Aquila / Aquila2 is a LLaMA-shaped decoder (seed-spec §1.1):
 
 Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) so a
 transformers state dict loads with no renaming. Generation (tianying.engine) gives the model positions and
-rows of one preallocated `KVCache`; the model only calls the cache's step protocol (`begin`/`update`/`end`).
+rows of one preallocated `KVCache`; the model only calls the cache's step protocol (`begin`/`update`/`end`,
+and `rows_for_ops` for a decode step on the native CPU ops of tianying.ops, which each layer calls in place of
+its PyTorch ops when they serve its weights).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tianying import ops
 from tianying.config import Config
 from tianying.rope import apply_rotation, logn_scale, rope_cos_sin, rotation_tables
 
@@ -230,6 +233,16 @@ class CacheStep:
         self._write = ("ring", min(n, slots), new_slots[keep], keep)
         self.keys = None
 
+    def rows_for_ops(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values [n_layer, B, n_kv_head, slots, D], each row's write position [B] int64) for
+        `ops.attend_decode`, which writes slot = length itself; None when this step is not one it handles (a
+        chunk, a window ring, a dtype or device it does not read)."""
+        k = self.k_rows
+        if (self.T != 1 or self.cache.window or k.device.type != "cpu" or k.dtype not in (torch.float32, torch.bfloat16)
+                or not self.cache.k.is_contiguous() or not self.cache.v.is_contiguous()):
+            return None
+        return k, self.v_rows, torch.tensor(self.lengths, dtype=torch.int64)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [B, n_kv_head, T, D] → the keys/values to attend to [B, n_kv_head, keys, D]."""
         kc, vc = self.k_rows[layer], self.v_rows[layer]
@@ -305,9 +318,49 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, qscale=None):
+    def forward(self, x, cos, sin, mask, is_causal, cache, qscale=None, rows=None):
+        if rows is not None:  # a decode step on the native ops (Transformer.forward): x fp32 [B, D]
+            y = self.decode_with_ops(x, cos, sin, rows)
+            if y is not None:
+                return y
+            dt = self.input_layernorm.weight.dtype  # a weight they do not serve (LoRA, ...): this layer in PyTorch
+            cos, sin = cos.to(dt)[:, None, None], sin.to(dt)[:, None, None]
+            return self.forward(x[:, None].to(dt), cos, sin, mask, is_causal, cache)[:, 0].float()
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, qscale)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_with_ops(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        rows: tuple) -> torch.Tensor | None:
+        """This block's decode step on `tianying.ops` (x fp32 [B, D], cos / signed sin fp32 [B or 1, head_dim]),
+        the same formulas as `forward`; None when an op does not serve one of its weights."""
+        a, m = self.self_attn, self.mlp
+        am, mm = a._modules, m._modules  # (nn.Module.__getattr__ costs more than the rest of a lookup)
+        q, k, v, o = (op_weight(am[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        g, u, d = (op_weight(mm[n]) for n in ("gate_proj", "up_proj", "down_proj"))
+        if q is None or k is None or v is None or o is None or g is None or u is None or d is None:
+            return None
+        n1, n2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
+        qkv = ops.linear(x, q, k, v, norm=n1.weight.float(), eps=n1.eps)
+        k_rows, v_rows, pos = rows
+        i = a.layer_idx
+        att = ops.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
+                                k_rows[i], v_rows[i], pos)
+        D = x.shape[1]
+        x = ops.linear(att, o, add=x)
+        if o.width != D:
+            x = x[:, :D]
+        gu = ops.linear(x, g, u, norm=n2.weight.float(), eps=n2.eps)
+        y = ops.linear(gu, d, swiglu=g.width, add=x)
+        return y if d.width == D else y[:, :D]
+
+
+def op_weight(m: nn.Module) -> ops.Weight | None:
+    """A projection as a `tianying.ops.linear` operand: a bias-free `nn.Linear` with a dense CPU weight, or a
+    layer that offers one (`QuantLinear.native_weight`); None otherwise."""
+    if type(m) is nn.Linear:
+        return ops.dense_weight(m._parameters["weight"]) if m._parameters["bias"] is None else None
+    f = getattr(m, "native_weight", None)
+    return f() if f is not None else None
 
 
 class Decoder(nn.Module):
@@ -329,9 +382,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:  # other LLaMA-family models (not Aquila): the head is the embedding table
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        # optional faster decode step (tianying.quantize.decode): (x, cos, sin, cache) → x after all layers, or
-        # None when it does not handle this step; only consulted for one unpadded token per row
-        self.fast_decode = None
+        self.native_ops = True  # decode steps on tianying.ops where they serve the weights (False: PyTorch only)
         self._rope_table: tuple | None = None  # (len, device, dtype, cos, sin) for unscaled/linear RoPE
 
     @property
@@ -377,27 +428,6 @@ class Transformer(nn.Module):
             return t[3][None, start:start + T], t[4][None, start:start + T]
         return t[3][positions], t[4][positions]
 
-    # ------------------------------------------------------------------ decode layout
-    def _use_decode_layout(self) -> None:
-        """Stores an fp32 CPU LM head column-major, once, when generation starts.
-
-        A decode step multiplies one activation row by each weight (a GEMV), and for W [out, in] with out ≫ in
-        MKL streams Wᵀ-contiguous storage much faster than row-major. Measured on this 2-core AVX2 machine
-        (loaded): LM head 100008×256 2.8 → 8.2 GB/s, 100008×768 4.4 → 9.1 GB/s; the head is 89% of the bytes
-        a "tiny" step reads. bf16 loses (2.2 → 0.5 GB/s) and so stays. MLP gate/up would gain less
-        (2048×768: 4.1 → 5.6) and are left alone: layer weights may be views that other code manages (offloaded
-        layers stream through shared slots). Values, shape and name stay (state_dict, load_state_dict and
-        optimizers are unaffected); only the strides differ, and with them the summation order (~1e-6).
-        """
-        head = self.lm_head
-        if self.training or type(head) is not nn.Linear:  # a swapped head (quantized, LoRA) has its own layout
-            return
-        w = head.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or w.stride(1) != 1 or w._base is not None:
-            return
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, so training may follow
-            w.data = w.data.t().contiguous().t()
-
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | CacheRows | None = None,
                 positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
@@ -422,7 +452,6 @@ class Transformer(nn.Module):
         if cache is not None:
             if pad_mask is not None or doc_ids is not None:
                 raise ValueError("pad_mask/doc_ids are for plain forwards; cached rows have their own lengths")
-            self._use_decode_layout()
             step = cache.begin(T, device)
             if positions is None:
                 positions, start = step.positions, step.start or 0
@@ -436,27 +465,39 @@ class Transformer(nn.Module):
             pos = positions if positions is not None else torch.arange(start, start + T, device=device)[None]
             qscale = logn_scale(pos, cfg.logn_length or cfg.max_position_embeddings)[:, None, :, None]
         x = self.model.embed_tokens(input_ids)
+        rows = None
+        if (step is not None and T == 1 and qscale is None and self.native_ops and device.type == "cpu"
+                and not torch.is_grad_enabled() and ops.enabled()):
+            rows = step.rows_for_ops()
+        if rows is not None:  # a decode step on tianying.ops: fp32 activations [B, D] throughout
+            cos, sin = rotation_tables(*self.rope(positions, start, T, torch.float32, device))
+            x, cos, sin = x[:, 0].float(), cos[:, 0, 0], sin[:, 0, 0]
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, is_causal, step, None, rows)
+            cache.end(step)
+            return self._head_with_ops(x)[:, None]
         if x.dtype != self.compute_dtype:  # embeddings stored narrower than the compute dtype
             x = x.to(self.compute_dtype)
         cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, device))
         if qscale is not None:
             qscale = qscale.to(x.dtype)
-        fast = None
-        if self.fast_decode is not None and step is not None and T == 1 and qscale is None and not self.training:
-            fast = self.fast_decode(x, cos, sin, step)  # None when it does not handle this step
-        if fast is not None:
-            x = fast
-        else:
-            for layer in self.model.layers:
-                if self.gradient_checkpointing and self.training:
-                    x = checkpoint(layer, x, cos, sin, mask, is_causal, step, qscale, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, mask, is_causal, step, qscale)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, step, qscale, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, step, qscale)
         if step is not None:
             cache.end(step)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def _head_with_ops(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of fp32 hidden states [B, D] (final RMSNorm fused into the head's product)."""
+        norm, w = self.model.norm, op_weight(self.lm_head)
+        if w is None:
+            return self.lm_head(norm(x.to(self.compute_dtype)))
+        return ops.linear(x, w, norm=norm.weight.float(), eps=norm.eps)[:, :self.config.vocab_size]
 
     def _plain_mask(self, pad_mask: torch.Tensor | None, T: int, device: torch.device,
                     doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:

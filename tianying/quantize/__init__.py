@@ -49,9 +49,6 @@ def load(path, device="cpu", dtype=None, quantize=None, memory_limit=None):  # n
         if quantize is not None:
             raise QuantizeError(f"{path} is already quantized; drop quantize={quantize!r}")
         model, cfg = _format.load_quantized(path, device=device, dtype=dtype)
-        from tianying.quantize.decode import attach
-
-        attach(model)
         return model, cfg
     from tianying.checkpoint import load_model
 

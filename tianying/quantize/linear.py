@@ -22,7 +22,7 @@ int4pack, whose byte order depends on the instruction set torch dispatches to) i
 cache made from them and never read back, unpacked or saved.
 
 Backends (`TIANYING_QUANT_BACKEND=auto|native|aten|reference`; auto tries them in this order):
-- native: tianying/quantize/native.cpp, reading the canonical tensors in place (fp32 activations).
+- native: tianying/ops/cpu.cpp, reading the canonical tensors in place (fp32 activations).
 - aten: `aten._weight_int8pack_mm(x, q − 128, s)` computes x·(q'·s)ᵀ (the canonical int8 tensor is its
   operand; the asymmetric offset s·(128 − z) adds a rank-one term Σx ⊗ s(128 − z)); int4 with group size
   32/64/128/256: `aten._weight_int4pack_mm_for_cpu` on the int4pack cache, ŵ = s'(q − 8) + z' with s' = s,
@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tianying import ops as native
 from tianying.errors import TianyingError
-from tianying.quantize import native
 
 
 class QuantizeError(TianyingError, ValueError):
@@ -472,6 +472,27 @@ class QuantLinear(nn.Module):
                 return "int4_cpu"
         return "reference"
 
+    def native_weight(self) -> native.Weight | None:
+        """This layer as a `tianying.ops.linear` operand (fp32 activations), or None when the native kernels do
+        not serve it (another backend, a bias). Kept until the buffers are replaced, moved or reloaded."""
+        key = ("op", os.environ.get("TIANYING_QUANT_BACKEND"))
+        w = self._fast.get(key)
+        if w is not None and w.tensors[0] is self.qweight:
+            return w
+        if self.bias is not None or self.path_for(torch.float32) != "native" or not self.qweight.is_contiguous():
+            return None
+        int8 = self.spec.bits == 8
+        ops = self._fast.get("native") or native.operands(self.scales, self.zeros, int8, self.in_features)
+        perm = None if self.perm is None else self.perm.to(torch.int64).contiguous()
+        w = native.quant_weight(self.qweight, ops, int8, self.in_features, perm)
+        if self.cache_ops:
+            self._fast[key] = w
+        return w
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.prepare()  # buffers refilled in place: the kernels' operands are made from them again
+
     def kernel(self, x: torch.Tensor) -> str:
         """Which path `forward` takes for this input (see `path_for`)."""
         return self.path_for(x.dtype, x.device)
@@ -593,9 +614,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
         q.backend = backend
         set_submodule(model, name, q)
         lin.weight = None  # release the float weight now (the model may hold the last reference)
-    from tianying.quantize.decode import attach
 
-    attach(model)  # the native decode step, when every projection has a native kernel
     return model
 
 

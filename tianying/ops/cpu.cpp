@@ -1,5 +1,9 @@
-// Weight-only int8 / int4 matrix-vector kernels for CPU decoding (see native.py for why they exist).
+// CPU operations the model calls for decoding (see tianying/ops/__init__.py for why they exist):
+// weight-only int8 / int4 and dense fp32 / bf16 / fp16 matrix-vector products (`ty_linear`, optionally
+// fused with the RMSNorm or SwiGLU in front of them and the residual add behind), and attention of one
+// new token per row over its KV-cache row (`ty_attend_decode`: RoPE, cache write, softmax(qKᵀ)V).
 //
+// Quantized products:
 // y[M, N] = x[M, K] · Ŵᵀ; Ŵ is never materialised for small M.
 //   int8, per output row n:   Ŵ[n, k] = s[n] · (w[n, k] + o[n])        w = q − 128 (int8), o = 128 − z
 //   int4, per row n, group g: Ŵ[n, k] = s[n, g] · (q[n, k] − z[n, g])  q ∈ [0, 15], s fp16, z uint8
@@ -273,17 +277,17 @@ void i4_block8(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* 
 }
 #endif
 
-// A projection's operands (see the layouts above); o: int8 offsets (or null), z: int4 zeros, perm: act-order
-// column order (or null).
-// w: canonical weights of N rows (int8 [N, K] or nibbles [N, K/2]); outputs have row stride N8 (N rounded up
-// to 8; columns N..N8 are left unwritten).
+// A weight operand (see the layouts above). kind: KF32/KBF16/KF16 (dense row-major [N, K], read in place) or
+// KI8/KI4 (canonical quantized tensors; s, o/z their kernel operands, perm an act-order column order or null).
+// Outputs have row stride ldy; quantized ones write N8 (N rounded up to 8) columns, dense ones N.
+enum { KF32 = 0, KBF16 = 1, KF16 = 2, KI8 = 3, KI4 = 4 };
 struct Proj {
     const void* w;
     const void* s;
     const void* o;
     const uint8_t* z;
     long N, N8, K, kb, G;
-    int int8;
+    int kind;
     const int64_t* perm;
 };
 
@@ -291,60 +295,59 @@ struct Proj {
 // statically between the threads (contiguous ranges: one sequential weight stream each); the implicit
 // barrier at the end of `omp for` ends the call.
 template <int MB, int R>
-void row_group(const Act& a, const Proj& p, long n, float* y) {
-    if (p.int8)
+void row_group(const Act& a, const Proj& p, long n, float* y, long ldy) {
+    if (p.kind == KI8)
         i8_rows<MB, R>(a, p.K, p.kb, static_cast<const int8_t*>(p.w) + n * p.K, static_cast<const float*>(p.s) + n,
-                       p.o ? static_cast<const float*>(p.o) + n : nullptr, y + n, p.N8);
+                       p.o ? static_cast<const float*>(p.o) + n : nullptr, y + n, ldy);
     else  // scales/zeros interleaved [N8/8][G][8]: row n's at (n / 8)·G·8 + n % 8
         i4_rows<MB, R>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + n * (p.K / 2),
                        static_cast<const uint16_t*>(p.s) + (n / 8) * p.G * 8 + n % 8, p.z + (n / 8) * p.G * 8 + n % 8,
-                       p.G, y + n, p.N8);
+                       p.G, y + n, ldy);
 }
 
-// Called by every thread of an enclosing parallel region (orphaned worksharing): groups of R = 8 / MB
-// output rows (sharing the activation loads) split statically between the threads, so each reads its share
-// of the weights as one sequential stream; the implicit barrier at the end of `omp for` ends the call.
+// Groups of R = 8 / MB output rows (sharing the activation loads) split statically between the threads.
 template <int MB, int R>
-void gemm_rows_r(const Act& a, const Proj& p, float* y) {
+void gemm_rows_r(const Act& a, const Proj& p, float* y, long ldy) {
     const long full = p.N / R;
 #pragma omp for schedule(static)
     for (long i = 0; i <= full; i++) {
         if (i < full) {
-            row_group<MB, R>(a, p, i * R, y);
+            row_group<MB, R>(a, p, i * R, y, ldy);
         } else {
-            for (long n = full * R; n < p.N; n++) row_group<MB, 1>(a, p, n, y);
+            for (long n = full * R; n < p.N; n++) row_group<MB, 1>(a, p, n, y, ldy);
         }
     }
 }
 
 template <int MB>
-void gemm_rows(const Act& a, const Proj& p, float* y) {
-    if (p.int8) {
-        gemm_rows_r<MB, (MB >= 4 ? 8 / MB : I8_ROWS)>(a, p, y);
+void gemm_rows(const Act& a, const Proj& p, float* y, long ldy) {
+    if (p.kind == KI8) {
+        gemm_rows_r<MB, (MB >= 4 ? 8 / MB : I8_ROWS)>(a, p, y, ldy);
         return;
     }
 #ifdef TY_AVX2
 #pragma omp for schedule(static)
     for (long b = 0; b < p.N / 8; b++)  // int4: N % 8 == 0 (QuantSpec.check)
         i4_block8<MB>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + b * 8 * (p.K / 2),
-                      static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, p.N8);
+                      static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, ldy);
 #else
-    gemm_rows_r<MB, 1>(a, p, y);
+    gemm_rows_r<MB, 1>(a, p, y, ldy);
 #endif
 }
 
-// y [M, N8] = x [M, K] · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds the activations).
-void gemm_region(const float* x, long M, const Proj& p, float* y, Act& a) {
+// y [M, ldy] = x [M, K] (contiguous) · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds
+// the activations of up to 8 rows, then every thread streams its share of the weights once for them).
+void gemm_region(const float* x, long M, const Proj& p, float* y, long ldy, Act& a) {
     for (long m0 = 0; m0 < M;) {
         const long left = M - m0;
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 #pragma omp single
-        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.int8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
-        float* ym = y + m0 * p.N8;
-        if (mb == 8) gemm_rows<8>(a, p, ym);
-        else if (mb == 4) gemm_rows<4>(a, p, ym);
-        else if (mb == 2) gemm_rows<2>(a, p, ym);
-        else gemm_rows<1>(a, p, ym);
+        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.kind == KI8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
+        float* ym = y + m0 * ldy;
+        if (mb == 8) gemm_rows<8>(a, p, ym, ldy);
+        else if (mb == 4) gemm_rows<4>(a, p, ym, ldy);
+        else if (mb == 2) gemm_rows<2>(a, p, ym, ldy);
+        else gemm_rows<1>(a, p, ym, ldy);
         m0 += mb;
     }
 }
@@ -352,7 +355,215 @@ void gemm_region(const float* x, long M, const Proj& p, float* y, Act& a) {
 void gemm(const float* x, long M, const Proj& p, float* y, int nt) {
     Act a;
 #pragma omp parallel num_threads(nt)
-    gemm_region(x, M, p, y, a);
+    gemm_region(x, M, p, y, p.N8, a);
+}
+
+// ------------------------------------------------------------------------------------------ dense
+// Dense weights (fp32, or bf16 / fp16 widened to fp32 exactly) times fp32 activations, accumulated in fp32.
+// A bf16 value is the top half of an fp32 one, so widening is a shift; fp16 uses the F16C conversion.
+inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+template <int KIND>
+inline float wscalar(const void* w, long i) {
+    if (KIND == KF32) return static_cast<const float*>(w)[i];
+    if (KIND == KBF16) return bf16_to_float(static_cast<const uint16_t*>(w)[i]);
+    return half_to_float(static_cast<const uint16_t*>(w)[i]);
+}
+
+#ifdef TY_AVX2
+template <int KIND>
+inline __m256 wload(const void* w, long i) {
+    if (KIND == KF32) return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    if (KIND == KBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+#endif
+
+// y[m, n + r] = Σ_k x[m, k] · w[n + r, k] for MB activation rows (stride ldx) and R weight rows: the R rows
+// stream side by side and each loaded weight vector meets all MB activation rows (from L1).
+template <int KIND, int MB, int R>
+void dense_rows(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
+    long k = 0;
+    float tot[MB][R];
+#ifdef TY_AVX2
+    __m256 acc[MB][R];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 v[R];
+        for (int r = 0; r < R; r++) v[r] = wload<KIND>(w, (n + r) * K + k);
+        for (int m = 0; m < MB; m++) {
+            const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+            for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(v[r], xv, acc[m][r]);
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tot[m][r] = hsum(acc[m][r]);
+#else
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tot[m][r] = 0.f;
+#endif
+    for (; k < K; k++)
+        for (int r = 0; r < R; r++) {
+            const float wv = wscalar<KIND>(w, (n + r) * K + k);
+            for (int m = 0; m < MB; m++) tot[m][r] += wv * x[m * ldx + k];
+        }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) y[m * ldy + n + r] = tot[m][r];
+}
+
+// Rows split statically between the threads in groups of R (more rows side by side for fewer activation rows:
+// the accumulators must fit the 16 vector registers).
+template <int KIND, int MB>
+void dense_region_mb(const float* x, long ldx, const Proj& p, float* y, long ldy) {
+    constexpr int R = MB >= 8 ? 1 : MB >= 4 ? 2 : 4;
+    const long full = p.N / R;
+#pragma omp for schedule(static)
+    for (long i = 0; i <= full; i++) {
+        if (i < full) {
+            dense_rows<KIND, MB, R>(x, ldx, p.K, p.w, i * R, y, ldy);
+        } else {
+            for (long n = full * R; n < p.N; n++) dense_rows<KIND, MB, 1>(x, ldx, p.K, p.w, n, y, ldy);
+        }
+    }
+}
+
+template <int KIND>
+void dense_region(const float* x, long ldx, long M, const Proj& p, float* y, long ldy) {
+    for (long m0 = 0; m0 < M;) {  // one pass over the weights per 8 activation rows
+        const long left = M - m0;
+        const float* xm = x + m0 * ldx;
+        float* ym = y + m0 * ldy;
+        if (left >= 8) dense_region_mb<KIND, 8>(xm, ldx, p, ym, ldy), m0 += 8;
+        else if (left >= 4) dense_region_mb<KIND, 4>(xm, ldx, p, ym, ldy), m0 += 4;
+        else if (left >= 2) dense_region_mb<KIND, 2>(xm, ldx, p, ym, ldy), m0 += 2;
+        else dense_region_mb<KIND, 1>(xm, ldx, p, ym, ldy), m0 += 1;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ around them
+// out[m] = x[m] · rsqrt(eps + Σ x[m]² / K) · w (the model's RMSNorm, in fp32)
+void rmsnorm(const float* x, long ldx, const float* w, float eps, float* out, long M, long K) {
+    for (long m = 0; m < M; m++) {
+        const float* xm = x + m * ldx;
+        float ss = 0.f;
+        for (long d = 0; d < K; d++) ss += xm[d] * xm[d];
+        const float r = 1.f / std::sqrt(eps + ss * (1.f / (float)K));
+        for (long d = 0; d < K; d++) out[m * K + d] = w[d] * (xm[d] * r);
+    }
+}
+
+// out[m, f] = silu(x[m, f]) · x[m, goff + f] (gate and up side by side in one row)
+void swiglu(const float* x, long ldx, long goff, float* out, long M, long F) {
+    for (long m = 0; m < M; m++)
+        for (long f = 0; f < F; f++) {
+            const float a = x[m * ldx + f];
+            out[m * F + f] = a / (1.f + std::exp(-a)) * x[m * ldx + goff + f];
+        }
+}
+
+inline float load_c(const float* p) { return *p; }
+inline float load_c(const uint16_t* p) { return bf16_to_float(*p); }
+inline void store_c(float* p, float v) { *p = v; }
+inline void store_c(uint16_t* p, float v) {  // fp32 → bf16, round to nearest even (as torch's .to(bfloat16))
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    if ((b & 0x7f800000u) == 0x7f800000u && (b & 0x7fffffu)) { *p = (uint16_t)((b >> 16) | 0x40); return; }  // NaN
+    b += 0x7fffu + ((b >> 16) & 1u);
+    *p = (uint16_t)(b >> 16);
+}
+
+// dot(q, k) over HD and o += w · v, the cache in fp32 or bf16
+template <typename C>
+inline float dot_c(const float* q, const C* k, long HD) {
+    long e = 0;
+    float d = 0.f;
+#ifdef TY_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; e + 8 <= HD; e += 8) {
+        __m256 kv;
+        if constexpr (sizeof(C) == 4) kv = _mm256_loadu_ps(reinterpret_cast<const float*>(k) + e);
+        else kv = wload<KBF16>(k, e);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), kv, acc);
+    }
+    d = hsum(acc);
+#endif
+    for (; e < HD; e++) d += q[e] * load_c(k + e);
+    return d;
+}
+
+template <typename C>
+inline void axpy_c(float w, const C* v, float* o, long HD) {
+    long e = 0;
+#ifdef TY_AVX2
+    const __m256 wv = _mm256_set1_ps(w);
+    for (; e + 8 <= HD; e += 8) {
+        __m256 vv;
+        if constexpr (sizeof(C) == 4) vv = _mm256_loadu_ps(reinterpret_cast<const float*>(v) + e);
+        else vv = wload<KBF16>(v, e);
+        _mm256_storeu_ps(o + e, _mm256_fmadd_ps(wv, vv, _mm256_loadu_ps(o + e)));
+    }
+#endif
+    for (; e < HD; e++) o[e] += w * load_c(v + e);
+}
+
+// One new token per row m: RoPE (rotate-half, signed sin) on its q and k heads in qkv, k and v written at slot
+// pos[m] of its cache row ([KVH, L, HD] at kc + m · rs), then every query head attends to slots 0..pos[m] of
+// its KV head (GQA: consecutive query heads share one).
+template <typename C>
+void attend(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD, const float* cos,
+            const float* sin, long ldcs, C* kc, C* vc, long rs, long L, const long* pos, float* out, int nt) {
+    const long half = HD / 2, rep = H / KVH;
+    const float scale = 1.f / std::sqrt((float)HD);
+    long maxlen = 0;
+    for (long m = 0; m < M; m++) maxlen = std::max(maxlen, pos[m] + 1);
+#pragma omp parallel num_threads(nt)
+    {
+        std::vector<float> tmp(HD), p(maxlen);
+#pragma omp for schedule(static)
+        for (long mh = 0; mh < M * (H + KVH); mh++) {
+            const long m = mh / (H + KVH), h = mh % (H + KVH);
+            float* t = h < H ? qkv + m * ldq + h * HD : qkv + m * ldq + koff + (h - H) * HD;
+            const float* cm = cos + m * ldcs;
+            const float* sm = sin + m * ldcs;
+            for (long d = 0; d < HD; d++) tmp[d] = t[d];
+            for (long d = 0; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[(d + half) % HD] * sm[d];
+            if (h >= H) {  // store the rotated key and its value
+                const long g = h - H;
+                C* kd = kc + m * rs + (g * L + pos[m]) * HD;
+                C* vd = vc + m * rs + (g * L + pos[m]) * HD;
+                const float* vs = qkv + m * ldq + voff + g * HD;
+                for (long d = 0; d < HD; d++) store_c(kd + d, t[d]), store_c(vd + d, vs[d]);
+            }
+        }
+#pragma omp for schedule(static)
+        for (long mh = 0; mh < M * H; mh++) {
+            const long m = mh / H, h = mh % H, g = h / rep, S = pos[m] + 1;
+            const float* qh = qkv + m * ldq + h * HD;
+            const C* kh = kc + m * rs + g * L * HD;
+            const C* vh = vc + m * rs + g * L * HD;
+            float mx = -INFINITY;
+            for (long j = 0; j < S; j++) {
+                p[j] = dot_c(qh, kh + j * HD, HD) * scale;
+                mx = std::max(mx, p[j]);
+            }
+            float den = 0.f;
+            for (long j = 0; j < S; j++) {
+                p[j] = std::exp(p[j] - mx);
+                den += p[j];
+            }
+            float* o = out + m * H * HD + h * HD;
+            for (long e = 0; e < HD; e++) o[e] = 0.f;
+            const float inv = 1.f / den;
+            for (long j = 0; j < S; j++) axpy_c(p[j] * inv, vh + j * HD, o, HD);
+        }
+    }
 }
 
 }  // namespace
@@ -363,14 +574,14 @@ extern "C" {
 // rounded up to 8. int8: w canonical int8 [N, K], s/o fp32 [N8] (o = 128 − z, or null when symmetric).
 void ty_gemm_i8(const float* x, long M, long K, long kb, const int8_t* w, long N, const float* s, const float* o,
                 float* y, long N8, int nt) {
-    gemm(x, M, Proj{w, s, o, nullptr, N, N8, K, kb, 1, 1, nullptr}, y, nt);
+    gemm(x, M, Proj{w, s, o, nullptr, N, N8, K, kb, 1, KI8, nullptr}, y, nt);
 }
 
 // int4: w canonical nibbles [N, K/2], s fp16 bits / z uint8 [N8/8][G][8]; kb a multiple of 16 dividing the
 // group size K / G.
 void ty_gemm_i4(const float* x, long M, long K, long kb, const uint8_t* w, long N, const uint16_t* s,
                 const uint8_t* z, long G, float* y, long N8, int nt) {
-    gemm(x, M, Proj{w, s, nullptr, z, N, N8, K, kb, G, 0, nullptr}, y, nt);
+    gemm(x, M, Proj{w, s, nullptr, z, N, N8, K, kb, G, KI4, nullptr}, y, nt);
 }
 
 // Rows [n0, n1) of Ŵ into out [n1 − n0, K] fp32 from the canonical tensors (w as above, scales fp16 bits
@@ -402,142 +613,61 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* s, const int16_t* z, long N
     }
 }
 
-}  // extern "C"
-
-// ------------------------------------------------------------------------------------------ decode glue
-// The non-matmul parts of one decode step (one new token per row), in fp32, and the whole step.
-namespace {
-
-// out[m] = x[m] · rsqrt(eps + Σ x[m]² / D) · w
-void rmsnorm(const float* x, const float* w, float eps, float* out, long M, long D) {
-    for (long m = 0; m < M; m++) {
-        const float* xm = x + m * D;
-        float ss = 0.f;
-        for (long d = 0; d < D; d++) ss += xm[d] * xm[d];
-        const float r = 1.f / std::sqrt(eps + ss * (1.f / (float)D));
-        for (long d = 0; d < D; d++) out[m * D + d] = w[d] * (xm[d] * r);
-    }
-}
-
-// x[m, :D] += y[m, :D], y rows with stride ld
-void add_rows(float* x, const float* y, long ld, long M, long D) {
-    for (long m = 0; m < M; m++)
-        for (long d = 0; d < D; d++) x[m * D + d] += y[m * ld + d];
-}
-
-// out[m, f] = silu(g[m, f]) · u[m, f]; g, u rows have stride ld (the kernels' padded width)
-void silu_mul(const float* g, const float* u, long ld, float* out, long M, long F) {
-    for (long m = 0; m < M; m++)
-        for (long f = 0; f < F; f++) {
-            const float a = g[m * ld + f];
-            out[m * F + f] = a / (1.f + std::exp(-a)) * u[m * ld + f];
-        }
-}
-
-// Rotary embedding (rotate-half layout) of q [M, H, HD] and k [M, KVH, HD] in place with each row's cos and
-// signed sin [M, HD] (first half negated), and k, v written to row m's cache [KVH, L, HD] at pos[m].
-void rope_and_store(float* q, long ldq, float* k, long ldk, const float* v, long ldv, const float* cos,
-                    const float* sin, float* kc, float* vc, long M, long H, long KVH, long HD, long L,
-                    const long* pos) {
-    const long half = HD / 2;
-    for (long m = 0; m < M; m++) {
-        const float* cm = cos + m * HD;
-        const float* sm = sin + m * HD;
-        for (long h = 0; h < H + KVH; h++) {
-            float* t = h < H ? q + m * ldq + h * HD : k + m * ldk + (h - H) * HD;
-            float tmp[1024];
-            for (long d = 0; d < HD; d++) tmp[d] = t[d];
-            for (long d = 0; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[(d + half) % HD] * sm[d];
-        }
-        for (long h = 0; h < KVH; h++) {
-            std::memcpy(kc + ((m * KVH + h) * L + pos[m]) * HD, k + m * ldk + h * HD, HD * sizeof(float));
-            std::memcpy(vc + ((m * KVH + h) * L + pos[m]) * HD, v + m * ldv + h * HD, HD * sizeof(float));
-        }
-    }
-}
-
-// Each query head of row m attends to cache positions 0..pos[m] of its KV head (GQA: consecutive query heads
-// share one); out [M, H·HD]. Worksharing over (row, head) inside a parallel region.
-void attend_region(const float* q, long ldq, const float* kc, const float* vc, long M, long H, long KVH, long HD,
-                   long L, const long* pos, float* out) {
-    const long rep = H / KVH;
-    const float scale = 1.f / std::sqrt((float)HD);
-    std::vector<float> p(L);
-#pragma omp for schedule(static)
-    for (long mh = 0; mh < M * H; mh++) {
-        const long m = mh / H, h = mh % H, g = h / rep, S = pos[m] + 1;
-        const float* qh = q + m * ldq + h * HD;
-        const float* kh = kc + (m * KVH + g) * L * HD;
-        const float* vh = vc + (m * KVH + g) * L * HD;
-        float mx = -INFINITY;
-        for (long j = 0; j < S; j++) {
-            float d = 0.f;
-            for (long e = 0; e < HD; e++) d += qh[e] * kh[j * HD + e];
-            p[j] = d * scale;
-            mx = std::max(mx, p[j]);
-        }
-        float den = 0.f;
-        for (long j = 0; j < S; j++) {
-            p[j] = std::exp(p[j] - mx);
-            den += p[j];
-        }
-        float* o = out + m * H * HD + h * HD;
-        for (long e = 0; e < HD; e++) o[e] = 0.f;
-        for (long j = 0; j < S; j++) {
-            const float w = p[j] / den;
-            for (long e = 0; e < HD; e++) o[e] += w * vh[j * HD + e];
-        }
-    }
-}
-
-// One layer's weights for ty_decode: norms, fused q/k/v, o, fused gate/up, down.
-struct Layer {
-    const float* ln1;
-    const float* ln2;
-    Proj qkv, o, gu, down;
-};
-
-}  // namespace
-
-extern "C" {
-
-// The whole decode step of n_layer blocks for x [M, D] (updated in place), in one parallel region: one thread
-// does the small serial parts (norms, RoPE, cache writes, SwiGLU, residuals, activation rounding), all share
-// the projections and the attention. kcache/vcache point at row 0 of the step's rows in a cache
-// [n_layer, R, KVH, L, HD] (R ≥ M rows); row m writes and attends at its own length pos[m], with its own
-// rotary cos/sin [M, HD].
-void ty_decode(float* x, long M, long D, long H, long KVH, long HD, long F, float eps, const Layer* layers,
-               long n_layer, const float* cos, const float* sin, float* kcache, float* vcache, long R, long L,
-               const long* pos, int nt) {
-    const long wq = layers[0].qkv.N8, wgu = layers[0].gu.N8, wd = layers[0].o.N8;
-    std::vector<float> h(M * D), qkv(M * wq), att(M * H * HD), o(M * wd), gu(M * wgu), a(M * F), dn(M * wd);
+// y [M, ldy] = pre(x) · [W0; W1; W2]ᵀ (+ add): up to three weights that read the same input (q/k/v, gate/up),
+// their outputs side by side (each W's columns start where the previous one's N8 — dense: N — ended), in one
+// parallel region. pre: 0 x itself ([M, K], contiguous), 1 RMSNorm of x (row stride ldx) with weight `norm`,
+// 2 silu(x[:, :K]) · x[:, goff:goff + K] (row stride ldx). add [M, ldadd] is added to W0's N outputs (the
+// residual; only with one weight).
+void ty_linear(const float* x, long M, long ldx, int pre, const float* norm, float eps, long goff, const Proj* p0,
+               const Proj* p1, const Proj* p2, float* y, long ldy, const float* add, long ldadd, int nt) {
+    const Proj* ps[3] = {p0, p1, p2};
+    const long K = p0->K;
+    std::vector<float> h(pre ? M * K : 0);
     Act act;
-    const long layer_stride = R * KVH * L * HD;
 #pragma omp parallel num_threads(nt)
-    for (long l = 0; l < n_layer; l++) {
-        const Layer& ly = layers[l];
-        float* kc = kcache + l * layer_stride;
-        float* vc = vcache + l * layer_stride;
+    {
+        const float* xin = x;
+        long ld = ldx;
+        if (pre) {
 #pragma omp single
-        rmsnorm(x, ly.ln1, eps, h.data(), M, D);
-        gemm_region(h.data(), M, ly.qkv, qkv.data(), act);
-#pragma omp single
-        rope_and_store(qkv.data(), wq, qkv.data() + H * HD, wq, qkv.data() + (H + KVH) * HD, wq, cos, sin, kc, vc, M,
-                       H, KVH, HD, L, pos);
-        attend_region(qkv.data(), wq, kc, vc, M, H, KVH, HD, L, pos, att.data());
-        gemm_region(att.data(), M, ly.o, o.data(), act);
-#pragma omp single
-        {
-            add_rows(x, o.data(), wd, M, D);
-            rmsnorm(x, ly.ln2, eps, h.data(), M, D);
+            {
+                if (pre == 1) rmsnorm(x, ldx, norm, eps, h.data(), M, K);
+                else swiglu(x, ldx, goff, h.data(), M, K);
+            }
+            xin = h.data();
+            ld = K;
         }
-        gemm_region(h.data(), M, ly.gu, gu.data(), act);
-#pragma omp single
-        silu_mul(gu.data(), gu.data() + F, wgu, a.data(), M, F);
-        gemm_region(a.data(), M, ly.down, dn.data(), act);
-#pragma omp single
-        add_rows(x, dn.data(), wd, M, D);
+        long col = 0;
+        for (int i = 0; i < 3 && ps[i]; i++) {
+            const Proj& p = *ps[i];
+            float* yi = y + col;
+            switch (p.kind) {
+                case KF32: dense_region<KF32>(xin, ld, M, p, yi, ldy); break;
+                case KBF16: dense_region<KBF16>(xin, ld, M, p, yi, ldy); break;
+                case KF16: dense_region<KF16>(xin, ld, M, p, yi, ldy); break;
+                default: gemm_region(xin, M, p, yi, ldy, act);  // ld == K here (pre, or contiguous x)
+            }
+            col += p.kind >= KI8 ? p.N8 : p.N;
+        }
+        if (add) {
+#pragma omp for schedule(static)
+            for (long m = 0; m < M; m++)
+                for (long n = 0; n < p0->N; n++) y[m * ldy + n] += add[m * ldadd + n];
+        }
     }
+}
+
+// Attention of one new token per row (see `attend`); the cache rows are fp32 (bf16 = 0) or bf16 (bf16 = 1),
+// rs elements apart, L slots each; out [M, H·HD] fp32.
+void ty_attend_decode(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD,
+                      const float* cos, const float* sin, long ldcs, void* kc, void* vc, long rs, long L, int bf16,
+                      const long* pos, float* out, int nt) {
+    if (bf16)
+        attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<uint16_t*>(kc),
+               static_cast<uint16_t*>(vc), rs, L, pos, out, nt);
+    else
+        attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<float*>(kc), static_cast<float*>(vc),
+               rs, L, pos, out, nt);
 }
 
 }  // extern "C"

@@ -1,0 +1,355 @@
+"""Native CPU operations the model calls for decoding, compiled on first use and called through ctypes.
+
+Why not only PyTorch's ops: a decode step is a matrix-vector product per projection, bound by how fast the
+weights stream from memory, and at batch 1 PyTorch reaches less than half of that bound (measured here:
+dense fp32/bf16 F.linear ~18 GB/s, `aten._weight_int8pack_mm` 4–10 GB/s, against ~44 GB/s read bandwidth),
+while ~1,000 small ops per step (norms, RoPE, cache writes, attention over a short cache) cost as much
+again in dispatch. So `cpu.cpp` provides the few operations a decode step is made of, and the model
+(tianying.model) calls them in its own layer loop — there is no second forward pass in C++:
+- `linear(x, weights, norm=, swiglu=, add=)`: y = pre(x) · [W0; W1; W2]ᵀ (+ residual) for up to three
+  weights reading the same input (q/k/v, gate/up) in one parallel region; pre is the RMSNorm or the SwiGLU
+  in front of the projection. Weights are dense fp32 / bf16 / fp16 `nn.Linear` weights, read in place
+  (bf16/fp16 widened to fp32 exactly, fp32 accumulation), or `QuantLinear`'s canonical int8 / int4 tensors
+  read in place: the activations are rounded to int16 per block of ≤ 256 columns (xq = round(x/sx),
+  sx = max|x_block|/32767; |Δx| ≤ sx/2, i.e. 2⁻¹⁶ of the block's largest value: 1/1000 of int4's and 1/100
+  of int8's own weight rounding), so one vpmaddwd does 16 exact integer multiply-adds and only block sums
+  are scaled in fp32. One pass over the weights serves up to 8 activation rows.
+- `attend_decode(qkv, …)`: one new token per row — RoPE, the key/value written at the row's own length in
+  its KV-cache row (fp32 or bf16), and softmax(qKᵀ/√d)V over that row.
+Every call takes tensors and reads their addresses for that call only: nothing keeps a pointer into a
+module. Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the
+BLAS GEMM (`QuantLinear` decides); dense prefill is PyTorch's.
+
+Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
+when torch reports an AVX2/AVX512 CPU. The library is cached under `$TIANYING_CACHE` (default
+~/.cache/tianying) by a hash of the source, flags and compiler, written atomically; it links the libgomp
+that torch already loaded, so there is one OpenMP thread pool. No compiler (or a failed build) → a warning
+once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
+`TIANYING_QUANT_BACKEND=aten|reference` skips the native quantized kernels; `TIANYING_NATIVE_SIMD=0` builds
+the portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI tests both);
+`TIANYING_NATIVE_OPS=0` makes the model use PyTorch's ops for decoding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _flags(simd: bool = True) -> list[str]:
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    if simd and os.environ.get("TIANYING_NATIVE_SIMD", "1") == "0":
+        simd = False
+    if simd and (cap.startswith("AVX2") or cap.startswith("AVX512")):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIANYING_CACHE") or Path.home() / ".cache" / "tianying") / "kernels"
+
+
+def build(simd: bool = True, directory: Path | None = None) -> Path:
+    """Compile cpu.cpp (or reuse the cached build); returns the shared library's path.
+
+    `simd=False` builds the portable scalar path (tests compare both against the reference)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    flags = _flags(simd)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
+    out = Path(directory or cache_dir()) / f"tianying_ops_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            raise RuntimeError(f"{Path(cxx).name} failed: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: a concurrent process sees the old state or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its C signatures."""
+    lib = ctypes.CDLL(str(path))
+    lib.ty_gemm_i8.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _P, _L, _I]
+    lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _L, _P, _L, _I]
+    lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
+    lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
+    pp = ctypes.POINTER(Proj)
+    lib.ty_linear.argtypes = [_P, _L, _L, _I, _P, ctypes.c_float, _L, pp, pp, pp, _P, _L, _P, _L, _I]
+    lib.ty_attend_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L, _L, _I, _P, _P, _I]
+    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_linear,
+              lib.ty_attend_decode):
+        f.restype = None
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    try:
+        _LIB = bind(build())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"native CPU ops unavailable ({e}); decoding uses PyTorch's ops", stacklevel=3)
+    return _LIB
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded here (whether they are used: `QuantLinear.path_for`)."""
+    return _load() is not None
+
+
+KF32, KBF16, KF16, KI8, KI4 = range(5)  # cpu.cpp's weight kinds
+DENSE_KINDS = {torch.float32: KF32, torch.bfloat16: KBF16, torch.float16: KF16}
+
+
+class Proj(ctypes.Structure):
+    """cpu.cpp's `Proj`: one weight's operands (dense: w, N, N8 = N, K, kind)."""
+
+    _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N", _L), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
+                ("kind", _I), ("perm", _P)]
+
+
+# ------------------------------------------------------------------------------------------ operands
+def _rows_x8(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """[N, C] → [ceil(N/8), C, 8]: 8 consecutive rows interleaved (rows padded with `fill`)."""
+    N, C = t.shape
+    t = torch.nn.functional.pad(t, (0, 0, 0, -N % 8), value=fill)
+    return t.reshape(-1, 8, C).transpose(1, 2).contiguous()
+
+
+STEP = 16  # columns a kernel step takes (int8: 16 bytes; int4: 8 or 16 bytes)
+
+
+def act_block(k: int, group: int) -> int:
+    """Activation block for int16 rounding: the largest multiple of 16 ≤ 256 dividing the group (or K)."""
+    g, st = (group if group > 0 else k), STEP
+    for kb in range(min(g, 256) // st * st, st - 1, -st):
+        if g % kb == 0:
+            return kb
+    raise ValueError(f"no activation block for group {g}")
+
+
+def supports(k: int, group: int) -> bool:
+    g = group if group > 0 else k
+    return k % STEP == 0 and g % STEP == 0
+
+
+def operands(scales: torch.Tensor, zeros: torch.Tensor, int8: bool, k: int) -> tuple:
+    """Kernel operands derived from a QuantLinear's scales fp16 [G, N] and zeros int16 [G, N] (padded to N8).
+
+    int8 (G = 1): (kb, s fp32, o = 128 − z fp32 or None when symmetric); int4: (kb, s, z) in [N8/8, G, 8].
+    """
+    pad = -scales.shape[1] % 8
+    G = scales.shape[0]
+    kb = act_block(k, k // G)
+    if int8:
+        s = torch.nn.functional.pad(scales[0].float(), (0, pad))
+        z = torch.nn.functional.pad(zeros[0].float(), (0, pad), value=128.0)
+        return kb, s, None if bool((z == 128).all()) else (128.0 - z).contiguous()
+    return kb, _rows_x8(scales.t().contiguous()), _rows_x8(zeros.t().to(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------ calls
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def gemm_i8(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, o: torch.Tensor | None) -> torch.Tensor:
+    """x fp32 [M, K] contiguous, w canonical int8 [N, K], s/o fp32 [N8] → y fp32 [M, N8] (N8: N rounded up to 8)."""
+    M, K = x.shape
+    N = w.shape[0]
+    N8 = s.shape[0]
+    y = torch.empty(M, N8, dtype=torch.float32)
+    _LIB.ty_gemm_i8(x.data_ptr(), M, K, kb, w.data_ptr(), N, s.data_ptr(), None if o is None else o.data_ptr(),
+                    y.data_ptr(), N8, _threads())
+    return y
+
+
+def gemm_i4(x: torch.Tensor, w: torch.Tensor, kb: int, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """x fp32 [M, K], w canonical nibbles uint8 [N, K/2], s fp16 / z uint8 [N8/8, G, 8] → y fp32 [M, N8]."""
+    M, K = x.shape
+    N, N8, G = w.shape[0], s.shape[0] * 8, s.shape[1]
+    y = torch.empty(M, N8, dtype=torch.float32)
+    _LIB.ty_gemm_i4(x.data_ptr(), M, K, kb, w.data_ptr(), N, s.data_ptr(), z.data_ptr(), G, y.data_ptr(), N8,
+                    _threads())
+    return y
+
+
+def _out(n0: int, n1: int, K: int, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(n1 - n0, K, dtype=torch.float32) if out is None or out.shape[0] < n1 - n0 else out[:n1 - n0]
+
+
+def dequant_i8(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n0: int, n1: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [n0, n1) of Ŵ = (q − z)·s as fp32 [n1 − n0, K] from the canonical tensors (w int8 [N, K], scales
+    fp16 [1, N], zeros int16 [1, N], all contiguous), bit-equal to the reference dequantization."""
+    K = w.shape[1]
+    buf = _out(n0, n1, K, out)
+    _LIB.ty_dequant_i8(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), K, n0, n1, buf.data_ptr(), _threads())
+    return buf
+
+
+def dequant_i4(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n0: int, n1: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `dequant_i8` for int4: w nibbles [N, K/2], scales fp16 / zeros int16 [G, N]."""
+    N, K, G = w.shape[0], w.shape[1] * 2, scales.shape[0]
+    buf = _out(n0, n1, K, out)
+    _LIB.ty_dequant_i4(w.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, G, K, n0, n1, buf.data_ptr(),
+                       _threads())
+    return buf
+
+
+# ------------------------------------------------------------------------------------------ model ops
+class Weight:
+    """One weight operand of `linear`: its `Proj`, what it was made from (`QuantLinear`'s tensors, which it
+    keeps alive; a dense weight's address, dtype and shape), its N outputs and the columns it writes."""
+
+    __slots__ = ("proj", "tensors", "N", "width")
+
+    def __init__(self, proj: Proj, tensors: tuple, N: int, width: int) -> None:
+        self.proj, self.tensors, self.N, self.width = proj, tensors, N, width
+
+    # a copy or pickle of a module holding one gets nothing: it makes its own from its own tensors
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_nothing, ())
+
+
+def _nothing() -> None:
+    return None
+
+
+_DENSE = WeakIdKeyDictionary()  # weight tensor → its Weight, by address
+
+
+def dense_weight(w: torch.Tensor) -> Weight | None:
+    """An `nn.Linear` weight [N, K] (CPU, fp32/bf16/fp16, row-major) as an operand read in place, or None.
+
+    The operand is remembered per tensor together with the address, dtype and shape it was made from, and
+    remade whenever they differ (`.data` swapped, `.to()`), so it always describes the tensor as it is now."""
+    key = (w.data_ptr(), w.dtype, w.shape)
+    op = _DENSE.get(w)
+    if op is not None and op.tensors == key:
+        return op
+    if (w.dtype not in DENSE_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous()
+            or _load() is None):
+        return None
+    N, K = w.shape
+    op = Weight(Proj(w.data_ptr(), None, None, None, N, N, K, 0, 0, DENSE_KINDS[w.dtype], None), key, N, N)
+    _DENSE[w] = op  # (key holds no reference to w, so the entry goes with the tensor)
+    return op
+
+
+def quant_weight(qweight: torch.Tensor, ops: tuple, int8: bool, K: int, perm: torch.Tensor | None) -> Weight:
+    """A `QuantLinear`'s canonical weight with its kernel operands (`operands`) and act-order `perm`."""
+    kb, s, oz = ops
+    N = qweight.shape[0]
+    N8 = s.shape[0] * (1 if int8 else 8)
+    ptr = None if oz is None else oz.data_ptr()
+    proj = Proj(qweight.data_ptr(), s.data_ptr(), ptr if int8 else None, None if int8 else ptr, N, N8, K, kb,
+                1 if int8 else s.shape[1], KI8 if int8 else KI4, None if perm is None else perm.data_ptr())
+    return Weight(proj, (qweight, s, oz, perm), N, N8)
+
+
+def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | None = None, *,
+           norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: int = 0,
+           add: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, Σ width] fp32 = pre(x) · [W0; W1; W2]ᵀ (+ add), each weight's outputs in its own columns
+    (`Weight.width` of them, the first `Weight.N` valid).
+
+    x fp32 [M, ·] with unit column stride. pre: none ([M, K]), `norm` (RMSNorm with that weight, fp32 [K],
+    and `eps`), or `swiglu` > 0 (x = [gate | up], up from that column on: silu(gate) · up is the input).
+    `add` fp32 [M, N]: the residual, added to W0's outputs (with W0 alone)."""
+    M, K = x.shape[0], w0.proj.K
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError("linear: x must be fp32 with unit column stride")
+    if swiglu:
+        pre = 2
+        if swiglu < K or x.shape[1] < swiglu + K:
+            raise ValueError(f"linear: a swiglu input needs gate and up columns of {K}, got {x.shape[1]}")
+    elif norm is not None:
+        pre = 1
+        if x.shape[1] < K or norm.dtype != torch.float32:
+            raise ValueError("linear: norm needs fp32 weights and K input columns")
+    else:
+        pre = 0
+        if x.shape[1] != K or not x.is_contiguous():
+            x = x[:, :K].contiguous()
+    ldy = w0.width
+    p1 = p2 = None
+    if w1 is not None:
+        ldy += w1.width
+        p1 = ctypes.byref(w1.proj)
+        if w2 is not None:
+            ldy += w2.width
+            p2 = ctypes.byref(w2.proj)
+    if add is not None and (w1 is not None or add.dtype != torch.float32 or add.stride(-1) != 1):
+        raise ValueError("linear: add needs one weight and an fp32 tensor with unit column stride")
+    y = torch.empty(M, ldy, dtype=torch.float32)
+    (_LIB or _load()).ty_linear(x.data_ptr(), M, x.stride(0), pre, None if norm is None else norm.data_ptr(), eps,
+                                swiglu, ctypes.byref(w0.proj), p1, p2, y.data_ptr(), ldy,
+                                None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
+                                torch.get_num_threads())
+    return y
+
+
+def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple[int, int], cos: torch.Tensor,
+                  sin: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row → [M, H·HD] fp32.
+
+    qkv fp32 [M, ·]: row m's query heads at columns [0, H·HD), keys at `offsets[0]`, values at `offsets[1]`
+    (unrotated). cos / signed sin fp32 [M or 1, HD] (`rope.rotation_tables`). k_rows/v_rows [M, KVH, L, HD]
+    fp32 or bf16, each row's slots contiguous: row m's rotated key and value are written at slot pos[m] and
+    its heads attend to slots 0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
+    H, KVH, HD = heads
+    M = qkv.shape[0]
+    if (k_rows.dtype not in (torch.float32, torch.bfloat16) or v_rows.dtype != k_rows.dtype
+            or k_rows.stride()[1:] != (k_rows.shape[2] * HD, HD, 1) or v_rows.stride() != k_rows.stride()
+            or pos.dtype != torch.int64 or cos.dtype != torch.float32 or qkv.stride(-1) != 1):
+        raise ValueError("attend_decode: unsupported operand layout")
+    out = torch.empty(M, H * HD, dtype=torch.float32)
+    ldcs = 0 if cos.shape[0] == 1 else cos.stride(0)
+    (_LIB or _load()).ty_attend_decode(
+        qkv.data_ptr(), M, qkv.stride(0), offsets[0], offsets[1], H, KVH, HD, cos.data_ptr(), sin.data_ptr(), ldcs,
+        k_rows.data_ptr(), v_rows.data_ptr(), k_rows.stride(0), k_rows.shape[2], int(k_rows.dtype == torch.bfloat16),
+        pos.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def enabled() -> bool:
+    """Whether the model decodes with these ops (built here, and not switched off by TIANYING_NATIVE_OPS=0)."""
+    return os.environ.get("TIANYING_NATIVE_OPS", "1") != "0" and _load() is not None
