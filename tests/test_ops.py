@@ -123,7 +123,9 @@ def test_attend_decode_equals_attention(cache_dtype: torch.dtype, heads: tuple) 
     v_new = qkv[:, (H + KVH) * HD:].view(M, KVH, HD).clone()
     kr, vr = kc.clone(), vc.clone()
     ref = _attention_reference(q, k_new, v_new, cos, sin, kr, vr, pos)
-    out = ops.attend_decode(qkv, (H, KVH, HD), (H * HD, (H + KVH) * HD), cos, sin, kc, vc, pos)
+    layers_k, layers_v = torch.stack([kc.clone(), kc]), torch.stack([vc.clone(), vc])  # layer 1 of 2
+    out = ops.attend_decode(qkv, (H, KVH, HD), (H * HD, (H + KVH) * HD), cos, sin, layers_k, layers_v, 1, pos)
+    kc, vc = layers_k[1], layers_v[1]
     tol = 1e-5 if cache_dtype == torch.float32 else 1e-2  # bf16: the new key/value are rounded as they are stored
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(kc.float(), kr.float(), rtol=tol, atol=tol)  # the rotated keys were written

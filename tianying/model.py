@@ -340,16 +340,15 @@ class Block(nn.Module):
         if q is None or k is None or v is None or o is None or g is None or u is None or d is None:
             return None
         n1, n2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
-        qkv = ops.linear(x, q, k, v, norm=n1.weight.float(), eps=n1.eps)
-        k_rows, v_rows, pos = rows
-        i = a.layer_idx
+        w1, w2 = n1._parameters["weight"], n2._parameters["weight"]
+        qkv = ops.linear(x, q, k, v, norm=w1 if w1.dtype is torch.float32 else w1.float(), eps=n1.eps)
         att = ops.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
-                                k_rows[i], v_rows[i], pos)
+                                rows[0], rows[1], a.layer_idx, rows[2])
         D = x.shape[1]
         x = ops.linear(att, o, add=x)
         if o.width != D:
             x = x[:, :D]
-        gu = ops.linear(x, g, u, norm=n2.weight.float(), eps=n2.eps)
+        gu = ops.linear(x, g, u, norm=w2 if w2.dtype is torch.float32 else w2.float(), eps=n2.eps)
         y = ops.linear(gu, d, swiglu=g.width, add=x)
         return y if d.width == D else y[:, :D]
 
@@ -358,7 +357,7 @@ def op_weight(m: nn.Module) -> ops.Weight | None:
     """A projection as a `tianying.ops.linear` operand: a bias-free `nn.Linear` with a dense CPU weight, or a
     layer that offers one (`QuantLinear.native_weight`); None otherwise."""
     if type(m) is nn.Linear:
-        return ops.dense_weight(m._parameters["weight"]) if m._parameters["bias"] is None else None
+        return ops.dense_weight_of(m) if m._parameters["bias"] is None else None
     f = getattr(m, "native_weight", None)
     return f() if f is not None else None
 

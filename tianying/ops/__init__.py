@@ -42,7 +42,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 _LIB: ctypes.CDLL | None = None
@@ -253,24 +252,28 @@ def _nothing() -> None:
     return None
 
 
-_DENSE = WeakIdKeyDictionary()  # weight tensor → its Weight, by address
-
-
 def dense_weight(w: torch.Tensor) -> Weight | None:
     """An `nn.Linear` weight [N, K] (CPU, fp32/bf16/fp16, row-major) as an operand read in place, or None.
 
-    The operand is remembered per tensor together with the address, dtype and shape it was made from, and
-    remade whenever they differ (`.data` swapped, `.to()`), so it always describes the tensor as it is now."""
-    key = (w.data_ptr(), w.dtype, w.shape)
-    op = _DENSE.get(w)
-    if op is not None and op.tensors == key:
-        return op
+    `dense_weight_of(module)` keeps it with the module, keyed by the address, dtype and shape it was made from."""
     if (w.dtype not in DENSE_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous()
             or _load() is None):
         return None
     N, K = w.shape
-    op = Weight(Proj(w.data_ptr(), None, None, None, N, N, K, 0, 0, DENSE_KINDS[w.dtype], None), key, N, N)
-    _DENSE[w] = op  # (key holds no reference to w, so the entry goes with the tensor)
+    proj = Proj(w.data_ptr(), None, None, None, N, N, K, 0, 0, DENSE_KINDS[w.dtype], None)
+    return Weight(proj, (w.data_ptr(), w.dtype, w.shape), N, N)
+
+
+def dense_weight_of(m: torch.nn.Linear) -> Weight | None:
+    """`dense_weight(m.weight)`, remembered on the module and remade whenever the weight's address, dtype or
+    shape differ from what it was made from (`.data` swapped, `.to()`), so it always describes the weight as it
+    is now. (A copy or pickle of the module carries no operand: see `Weight`.)"""
+    w = m._parameters["weight"]
+    op = m.__dict__.get("_ty_op")
+    if op is not None and op.tensors[0] == w.data_ptr() and op.tensors[1] is w.dtype and op.tensors[2] == w.shape:
+        return op
+    op = dense_weight(w)
+    m.__dict__["_ty_op"] = op
     return op
 
 
@@ -328,25 +331,28 @@ def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | N
 
 
 def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple[int, int], cos: torch.Tensor,
-                  sin: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int,
+                  pos: torch.Tensor) -> torch.Tensor:
     """Attention of one new token per row → [M, H·HD] fp32.
 
     qkv fp32 [M, ·]: row m's query heads at columns [0, H·HD), keys at `offsets[0]`, values at `offsets[1]`
-    (unrotated). cos / signed sin fp32 [M or 1, HD] (`rope.rotation_tables`). k_rows/v_rows [M, KVH, L, HD]
-    fp32 or bf16, each row's slots contiguous: row m's rotated key and value are written at slot pos[m] and
-    its heads attend to slots 0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
+    (unrotated). cos / signed sin fp32 [M or 1, HD] (`rope.rotation_tables`). keys/values
+    [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous; rows may be a slice of a larger cache):
+    in `layer`, row m's rotated key and value are written at slot pos[m] and its heads attend to slots
+    0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
     H, KVH, HD = heads
     M = qkv.shape[0]
-    if (k_rows.dtype not in (torch.float32, torch.bfloat16) or v_rows.dtype != k_rows.dtype
-            or k_rows.stride()[1:] != (k_rows.shape[2] * HD, HD, 1) or v_rows.stride() != k_rows.stride()
-            or pos.dtype != torch.int64 or cos.dtype != torch.float32 or qkv.stride(-1) != 1):
+    st = keys.stride()
+    if (keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype is not keys.dtype or st[4] != 1
+            or st[3] != HD or st[2] != keys.shape[3] * HD or values.stride() != st or pos.dtype is not torch.int64
+            or cos.dtype is not torch.float32 or qkv.stride(1) != 1 or keys.shape[1] != M):
         raise ValueError("attend_decode: unsupported operand layout")
     out = torch.empty(M, H * HD, dtype=torch.float32)
-    ldcs = 0 if cos.shape[0] == 1 else cos.stride(0)
+    off = layer * st[0] * keys.element_size()
     (_LIB or _load()).ty_attend_decode(
-        qkv.data_ptr(), M, qkv.stride(0), offsets[0], offsets[1], H, KVH, HD, cos.data_ptr(), sin.data_ptr(), ldcs,
-        k_rows.data_ptr(), v_rows.data_ptr(), k_rows.stride(0), k_rows.shape[2], int(k_rows.dtype == torch.bfloat16),
-        pos.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        qkv.data_ptr(), M, qkv.stride(0), offsets[0], offsets[1], H, KVH, HD, cos.data_ptr(), sin.data_ptr(),
+        0 if cos.shape[0] == 1 else cos.stride(0), keys.data_ptr() + off, values.data_ptr() + off, st[1],
+        keys.shape[3], int(keys.dtype is torch.bfloat16), pos.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 

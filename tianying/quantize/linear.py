@@ -477,7 +477,7 @@ class QuantLinear(nn.Module):
         not serve it (another backend, a bias). Kept until the buffers are replaced, moved or reloaded."""
         key = ("op", os.environ.get("TIANYING_QUANT_BACKEND"))
         w = self._fast.get(key)
-        if w is not None and w.tensors[0] is self.qweight:
+        if w is not None and w.tensors[0] is self._buffers["qweight"]:
             return w
         if self.bias is not None or self.path_for(torch.float32) != "native" or not self.qweight.is_contiguous():
             return None
