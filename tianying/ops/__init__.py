@@ -21,7 +21,8 @@ module. Larger batches (prefill) dequantize row chunks with the reference's exac
 BLAS GEMM (`QuantLinear` decides); dense prefill is PyTorch's.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
-when torch reports an AVX2/AVX512 CPU. The library is cached under `$TIANYING_CACHE` (default
+when torch reports an AVX2/AVX512 CPU, and the VNNI instruction (the same integer sums in one instruction
+instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is cached under `$TIANYING_CACHE` (default
 ~/.cache/tianying) by a hash of the source, flags and compiler, written atomically; it links the libgomp
 that torch already loaded, so there is one OpenMP thread pool. No compiler (or a failed build) → a warning
 once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
@@ -63,7 +64,23 @@ def _flags(simd: bool = True) -> list[str]:
         simd = False
     if simd and (cap.startswith("AVX2") or cap.startswith("AVX512")):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+        cpu = _cpu_flags()
+        if cap.startswith("AVX512") and {"avx512_vnni", "avx512vl"} <= cpu:
+            flags += ["-mavx512vnni", "-mavx512vl"]  # one instruction per int16 multiply-add step
+        elif "avx_vnni" in cpu:
+            flags += ["-mavxvnni"]
     return flags
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def cache_dir() -> Path:

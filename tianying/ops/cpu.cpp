@@ -27,6 +27,14 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TY_AVX2 1
+// acc + Σ pairs of int16 products, exact in int32: one VNNI instruction where the CPU has it (the same bits)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TY_DPWSSD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define TY_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#else
+#define TY_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
 #endif
 
 namespace {
@@ -143,7 +151,7 @@ void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, con
                 v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
             for (int m = 0; m < MB; m++) {
                 const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k));
-                for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(v[r], x));
+                for (int r = 0; r < R; r++) acc[m][r] = TY_DPWSSD(acc[m][r], v[r], x);
             }
         }
         for (int m = 0; m < MB; m++) {
@@ -245,8 +253,8 @@ void i4_block8(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* 
                     for (int r = 0; r < 8; r++) {
                         const __m256i v = _mm256_cvtepu8_epi16(
                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * rb + k / 2)));
-                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_and_si256(v, low), xe));
-                        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_srli_epi16(v, 4), xo));
+                        acc[r] = TY_DPWSSD(acc[r], _mm256_and_si256(v, low), xe);
+                        acc[r] = TY_DPWSSD(acc[r], _mm256_srli_epi16(v, 4), xo);
                     }
                 }
             } else {
