@@ -342,15 +342,12 @@ class Block(nn.Module):
         n1, n2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
         w1, w2 = n1._parameters["weight"], n2._parameters["weight"]
         qkv = ops.linear(x, q, k, v, norm=w1 if w1.dtype is torch.float32 else w1.float(), eps=n1.eps)
-        att = ops.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
-                                rows[0], rows[1], a.layer_idx, rows[2])
-        D = x.shape[1]
-        x = ops.linear(att, o, add=x)
-        if o.width != D:
-            x = x[:, :D]
-        gu = ops.linear(x, g, u, norm=w2 if w2.dtype is torch.float32 else w2.float(), eps=n2.eps)
-        y = ops.linear(gu, d, swiglu=g.width, add=x)
-        return y if d.width == D else y[:, :D]
+        x = ops.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
+                              rows[0], rows[1], a.layer_idx, rows[2], o=o, add=x)
+        if x.shape[1] != o.N:
+            x = x[:, :o.N]
+        y = ops.mlp(x, g, u, d, w2 if w2.dtype is torch.float32 else w2.float(), n2.eps, add=x)
+        return y if d.width == d.N else y[:, :d.N]
 
 
 def op_weight(m: nn.Module) -> ops.Weight | None:

@@ -14,17 +14,19 @@ again in dispatch. So `cpu.cpp` provides the few operations a decode step is mad
   sx = max|x_block|/32767; |Δx| ≤ sx/2, i.e. 2⁻¹⁶ of the block's largest value: 1/1000 of int4's and 1/100
   of int8's own weight rounding), so one vpmaddwd does 16 exact integer multiply-adds and only block sums
   are scaled in fp32. One pass over the weights serves up to 8 activation rows.
-- `attend_decode(qkv, …)`: one new token per row — RoPE, the key/value written at the row's own length in
-  its KV-cache row (fp32 or bf16), and softmax(qKᵀ/√d)V over that row.
+- `attend_decode(qkv, …, o=, add=)`: one new token per row — RoPE, the key/value written at the row's own
+  length in its KV-cache row (fp32 or bf16), softmax(qKᵀ/√d)V over that row, and optionally the output
+  projection and the residual.
+- `mlp(x, gate, up, down, norm, eps, add)`: a block's MLP, RMSNorm to residual, in one parallel region.
 Every call takes tensors and reads their addresses for that call only: nothing keeps a pointer into a
 module. Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the
 BLAS GEMM (`QuantLinear` decides); dense prefill is PyTorch's.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
 when torch reports an AVX2/AVX512 CPU, and the VNNI instruction (the same integer sums in one instruction
-instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is cached under `$TIANYING_CACHE` (default
-~/.cache/tianying) by a hash of the source, flags and compiler, written atomically; it links the libgomp
-that torch already loaded, so there is one OpenMP thread pool. No compiler (or a failed build) → a warning
+instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is
+cached under `$TIANYING_CACHE` (default ~/.cache/tianying) by a hash of the source, flags and compiler,
+written atomically; it links the libgomp that torch already loaded, so there is one OpenMP thread pool. No compiler (or a failed build) → a warning
 once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
 `TIANYING_QUANT_BACKEND=aten|reference` skips the native quantized kernels; `TIANYING_NATIVE_SIMD=0` builds
 the portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI tests both);
@@ -40,6 +42,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -122,9 +125,11 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
     pp = ctypes.POINTER(Proj)
     lib.ty_linear.argtypes = [_P, _L, _L, _I, _P, ctypes.c_float, _L, pp, pp, pp, _P, _L, _P, _L, _I]
-    lib.ty_attend_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L, _L, _I, _P, _P, _I]
+    lib.ty_attend_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L, _L, _I, _P, _P, pp, _P,
+                                     _L, _P, _L, _I]
+    lib.ty_mlp.argtypes = [_P, _L, _L, _P, ctypes.c_float, pp, pp, pp, _P, _L, _P, _L, _I]
     for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_linear,
-              lib.ty_attend_decode):
+              lib.ty_attend_decode, lib.ty_mlp):
         f.restype = None
     return lib
 
@@ -252,10 +257,16 @@ class Weight:
     """One weight operand of `linear`: its `Proj`, what it was made from (`QuantLinear`'s tensors, which it
     keeps alive; a dense weight's address, dtype and shape), its N outputs and the columns it writes."""
 
-    __slots__ = ("proj", "tensors", "N", "width")
+    __slots__ = ("proj", "tensors", "N", "width", "ref")
 
-    def __init__(self, proj: Proj, tensors: tuple, N: int, width: int) -> None:
-        self.proj, self.tensors, self.N, self.width = proj, tensors, N, width
+    def __init__(self, proj: Proj, tensors: tuple, N: int, width: int, ref: weakref.ref | None = None) -> None:
+        self.proj, self.tensors, self.N, self.width, self.ref = proj, tensors, N, width, ref
+
+    def live(self) -> Proj:
+        """A reference to the operand for a C call; refused once the tensor it reads in place is gone."""
+        if self.ref is not None and self.ref() is None:
+            raise ValueError("ops: the weight tensor of this operand no longer exists")
+        return ctypes.byref(self.proj)
 
     # a copy or pickle of a module holding one gets nothing: it makes its own from its own tensors
     def __deepcopy__(self, memo: dict) -> None:
@@ -272,13 +283,15 @@ def _nothing() -> None:
 def dense_weight(w: torch.Tensor) -> Weight | None:
     """An `nn.Linear` weight [N, K] (CPU, fp32/bf16/fp16, row-major) as an operand read in place, or None.
 
-    `dense_weight_of(module)` keeps it with the module, keyed by the address, dtype and shape it was made from."""
+    The operand does not keep `w` alive (a cached one must not hold a replaced weight's memory); the ops refuse
+    it once `w` is gone. `dense_weight_of(module)` keeps it with the module, keyed by the address, dtype and
+    shape it was made from."""
     if (w.dtype not in DENSE_KINDS or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous()
             or _load() is None):
         return None
     N, K = w.shape
     proj = Proj(w.data_ptr(), None, None, None, N, N, K, 0, 0, DENSE_KINDS[w.dtype], None)
-    return Weight(proj, (w.data_ptr(), w.dtype, w.shape), N, N)
+    return Weight(proj, (w.data_ptr(), w.dtype, w.shape), N, N, weakref.ref(w))  # (not a reference: see above)
 
 
 def dense_weight_of(m: torch.nn.Linear) -> Weight | None:
@@ -333,28 +346,29 @@ def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | N
     p1 = p2 = None
     if w1 is not None:
         ldy += w1.width
-        p1 = ctypes.byref(w1.proj)
+        p1 = w1.live()
         if w2 is not None:
             ldy += w2.width
-            p2 = ctypes.byref(w2.proj)
+            p2 = w2.live()
     if add is not None and (w1 is not None or add.dtype != torch.float32 or add.stride(-1) != 1):
         raise ValueError("linear: add needs one weight and an fp32 tensor with unit column stride")
     y = torch.empty(M, ldy, dtype=torch.float32)
     (_LIB or _load()).ty_linear(x.data_ptr(), M, x.stride(0), pre, None if norm is None else norm.data_ptr(), eps,
-                                swiglu, ctypes.byref(w0.proj), p1, p2, y.data_ptr(), ldy,
+                                swiglu, w0.live(), p1, p2, y.data_ptr(), ldy,
                                 None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
                                 torch.get_num_threads())
     return y
 
 
 def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple[int, int], cos: torch.Tensor,
-                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int,
-                  pos: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row → [M, H·HD] fp32.
+                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int, pos: torch.Tensor, *,
+                  o: Weight | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per row → [M, H·HD] fp32, or with the output projection `o` (and the
+    residual `add` fp32 [M, N]) add + attention · Oᵀ [M, o.width].
 
     qkv fp32 [M, ·]: row m's query heads at columns [0, H·HD), keys at `offsets[0]`, values at `offsets[1]`
-    (unrotated). cos / signed sin fp32 [M or 1, HD] (`rope.rotation_tables`). keys/values
-    [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous; rows may be a slice of a larger cache):
+    (queries and keys unrotated; they are rotated in place). cos / signed sin fp32 [M or 1, HD]
+    (`rope.rotation_tables`). keys/values [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous; rows may be a slice of a larger cache):
     in `layer`, row m's rotated key and value are written at slot pos[m] and its heads attend to slots
     0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
     H, KVH, HD = heads
@@ -362,15 +376,43 @@ def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple
     st = keys.stride()
     if (keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype is not keys.dtype or st[4] != 1
             or st[3] != HD or st[2] != keys.shape[3] * HD or values.stride() != st or pos.dtype is not torch.int64
-            or cos.dtype is not torch.float32 or qkv.stride(1) != 1 or keys.shape[1] != M):
+            or cos.dtype is not torch.float32 or qkv.stride(1) != 1 or keys.shape[1] != M
+            or o is not None and o.proj.K != H * HD):
         raise ValueError("attend_decode: unsupported operand layout")
     out = torch.empty(M, H * HD, dtype=torch.float32)
+    y = ldy = None
+    if o is not None:
+        ldy = o.width
+        y = torch.empty(M, ldy, dtype=torch.float32)
+        if add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < o.N):
+            raise ValueError("attend_decode: add must be fp32 [M, N] with unit column stride")
     off = layer * st[0] * keys.element_size()
     (_LIB or _load()).ty_attend_decode(
         qkv.data_ptr(), M, qkv.stride(0), offsets[0], offsets[1], H, KVH, HD, cos.data_ptr(), sin.data_ptr(),
         0 if cos.shape[0] == 1 else cos.stride(0), keys.data_ptr() + off, values.data_ptr() + off, st[1],
-        keys.shape[3], int(keys.dtype is torch.bfloat16), pos.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
+        keys.shape[3], int(keys.dtype is torch.bfloat16), pos.data_ptr(), out.data_ptr(),
+        None if o is None else o.live(), None if y is None else y.data_ptr(), ldy or 0,
+        None if add is None or o is None else add.data_ptr(), 0 if add is None else add.stride(0),
+        torch.get_num_threads())
+    return out if y is None else y
+
+
+def mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, norm: torch.Tensor, eps: float,
+        add: torch.Tensor | None = None) -> torch.Tensor:
+    """A block's MLP → [M, down.width] fp32: add + (silu(h·Gᵀ) · h·Uᵀ)·Dᵀ with h = RMSNorm(x) (weight `norm`
+    fp32 [K], `eps`), x and add fp32 [M, K] with unit column stride, in one parallel region."""
+    K = gate.proj.K
+    if (x.dtype is not torch.float32 or x.stride(1) != 1 or x.shape[1] < K or up.proj.K != K or norm.dtype
+            is not torch.float32 or down.proj.K != gate.N or up.N != gate.N
+            or add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < down.N)):
+        raise ValueError("mlp: unsupported operand layout")
+    M = x.shape[0]
+    y = torch.empty(M, down.width, dtype=torch.float32)
+    (_LIB or _load()).ty_mlp(x.data_ptr(), M, x.stride(0), norm.data_ptr(), eps, gate.live(), up.live(),
+                             down.live(), y.data_ptr(), down.width,
+                             None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
+                             torch.get_num_threads())
+    return y
 
 
 def enabled() -> bool:

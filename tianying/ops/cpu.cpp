@@ -476,6 +476,31 @@ void swiglu(const float* x, long ldx, long goff, float* out, long M, long F) {
         }
 }
 
+// Inside a parallel region: y[:, columns of ps[i]] = xin · Wᵢᵀ for the n weights (side by side, each Wᵢ's N8 —
+// dense: N — columns), then y[:, :N of W0] += add. Quantized weights need ld == K.
+void products(const float* xin, long ld, long M, const Proj* const* ps, int n, float* y, long ldy, const float* add,
+              long ldadd, Act& act) {
+    long col = 0;
+    for (int i = 0; i < n; i++) {
+        const Proj& p = *ps[i];
+        float* yi = y + col;
+        switch (p.kind) {
+            case KF32: dense_region<KF32>(xin, ld, M, p, yi, ldy); break;
+            case KBF16: dense_region<KBF16>(xin, ld, M, p, yi, ldy); break;
+            case KF16: dense_region<KF16>(xin, ld, M, p, yi, ldy); break;
+            default: gemm_region(xin, M, p, yi, ldy, act);
+        }
+        col += p.kind >= KI8 ? p.N8 : p.N;
+    }
+    if (add) {  // (the products' `omp for` ended with a barrier: every output is there)
+#pragma omp for schedule(static)
+        for (long m = 0; m < M; m++)
+            for (long c = 0; c < ps[0]->N; c++) y[m * ldy + c] += add[m * ldadd + c];
+    }
+}
+
+inline long width(const Proj& p) { return p.kind >= KI8 ? p.N8 : p.N; }
+
 inline float load_c(const float* p) { return *p; }
 inline float load_c(const uint16_t* p) { return bf16_to_float(*p); }
 inline void store_c(float* p, float v) { *p = v; }
@@ -526,7 +551,9 @@ inline void axpy_c(float w, const C* v, float* o, long HD) {
 // its KV head (GQA: consecutive query heads share one).
 template <typename C>
 void attend(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD, const float* cos,
-            const float* sin, long ldcs, C* kc, C* vc, long rs, long L, const long* pos, float* out, int nt) {
+            const float* sin, long ldcs, C* kc, C* vc, long rs, long L, const long* pos, float* out, const Proj* o,
+            float* y, long ldy, const float* add, long ldadd, int nt) {
+    Act act;
     const long half = HD / 2, rep = H / KVH;
     const float scale = 1.f / std::sqrt((float)HD);
     long maxlen = 0;
@@ -571,6 +598,7 @@ void attend(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH
             const float inv = 1.f / den;
             for (long j = 0; j < S; j++) axpy_c(p[j] * inv, vh + j * HD, o, HD);
         }
+        if (o) products(out, H * HD, M, &o, 1, y, ldy, add, ldadd, act);  // the output projection (+ residual)
     }
 }
 
@@ -645,37 +673,41 @@ void ty_linear(const float* x, long M, long ldx, int pre, const float* norm, flo
             xin = h.data();
             ld = K;
         }
-        long col = 0;
-        for (int i = 0; i < 3 && ps[i]; i++) {
-            const Proj& p = *ps[i];
-            float* yi = y + col;
-            switch (p.kind) {
-                case KF32: dense_region<KF32>(xin, ld, M, p, yi, ldy); break;
-                case KBF16: dense_region<KBF16>(xin, ld, M, p, yi, ldy); break;
-                case KF16: dense_region<KF16>(xin, ld, M, p, yi, ldy); break;
-                default: gemm_region(xin, M, p, yi, ldy, act);  // ld == K here (pre, or contiguous x)
-            }
-            col += p.kind >= KI8 ? p.N8 : p.N;
-        }
-        if (add) {
-#pragma omp for schedule(static)
-            for (long m = 0; m < M; m++)
-                for (long n = 0; n < p0->N; n++) y[m * ldy + n] += add[m * ldadd + n];
-        }
+        products(xin, ld, M, ps, ps[2] ? 3 : ps[1] ? 2 : 1, y, ldy, add, ldadd, act);
+    }
+}
+
+// The MLP of a block: y [M, ldy] = add + (silu(h·Gᵀ) · h·Uᵀ) · Dᵀ with h = RMSNorm(x) (weight `norm`), in one
+// parallel region.
+void ty_mlp(const float* x, long M, long ldx, const float* norm, float eps, const Proj* g, const Proj* u,
+            const Proj* d, float* y, long ldy, const float* add, long ldadd, int nt) {
+    const long K = g->K, F = d->K, wgu = width(*g) + width(*u);
+    std::vector<float> h(M * K), gu(M * wgu), a(M * F);
+    const Proj* gp[2] = {g, u};
+    Act act;
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp single
+        rmsnorm(x, ldx, norm, eps, h.data(), M, K);
+        products(h.data(), K, M, gp, 2, gu.data(), wgu, nullptr, 0, act);
+#pragma omp single
+        swiglu(gu.data(), wgu, width(*g), a.data(), M, F);
+        products(a.data(), F, M, &d, 1, y, ldy, add, ldadd, act);
     }
 }
 
 // Attention of one new token per row (see `attend`); the cache rows are fp32 (bf16 = 0) or bf16 (bf16 = 1),
-// rs elements apart, L slots each; out [M, H·HD] fp32.
+// rs elements apart, L slots each; out [M, H·HD] fp32. With `o` (else null), also y [M, ldy] = add + out · Oᵀ.
 void ty_attend_decode(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD,
                       const float* cos, const float* sin, long ldcs, void* kc, void* vc, long rs, long L, int bf16,
-                      const long* pos, float* out, int nt) {
+                      const long* pos, float* out, const Proj* o, float* y, long ldy, const float* add, long ldadd,
+                      int nt) {
     if (bf16)
         attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<uint16_t*>(kc),
-               static_cast<uint16_t*>(vc), rs, L, pos, out, nt);
+               static_cast<uint16_t*>(vc), rs, L, pos, out, o, y, ldy, add, ldadd, nt);
     else
         attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<float*>(kc), static_cast<float*>(vc),
-               rs, L, pos, out, nt);
+               rs, L, pos, out, o, y, ldy, add, ldadd, nt);
 }
 
 }  // extern "C"
