@@ -26,9 +26,8 @@ Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenm
 when torch reports an AVX2/AVX512 CPU, and the VNNI instruction (the same integer sums in one instruction
 instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is
 cached under `$TIANYING_CACHE` (default ~/.cache/tianying) by a hash of the source, flags and compiler,
-written atomically; it links the libgomp that torch already loaded, so there is one OpenMP thread pool. No compiler
-(or a failed build) → a warning
-once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
+written atomically; it links the libgomp that torch already loaded, so there is one OpenMP thread pool.
+No compiler (or a failed build) → a warning once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
 `TIANYING_QUANT_BACKEND=aten|reference` skips the native quantized kernels; `TIANYING_NATIVE_SIMD=0` builds
 the portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI tests both);
 `TIANYING_NATIVE_OPS=0` makes the model use PyTorch's ops for decoding.
@@ -369,10 +368,9 @@ def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple
 
     qkv fp32 [M, ·]: row m's query heads at columns [0, H·HD), keys at `offsets[0]`, values at `offsets[1]`
     (queries and keys unrotated; they are rotated in place). cos / signed sin fp32 [M or 1, HD]
-    (`rope.rotation_tables`). keys/values [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous; rows
-    may be a slice of a larger cache):
-    in `layer`, row m's rotated key and value are written at slot pos[m] and its heads attend to slots
-    0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
+    (`rope.rotation_tables`). keys/values [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous;
+    rows may be a slice of a larger cache): in `layer`, row m's rotated key and value are written at slot
+    pos[m] and its heads attend to slots 0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
     H, KVH, HD = heads
     M = qkv.shape[0]
     st = keys.stride()
