@@ -27,7 +27,8 @@ when torch reports an AVX2/AVX512 CPU, and the VNNI instruction (the same intege
 instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is
 cached under `$TIANYING_CACHE` (default ~/.cache/tianying) by a hash of the source, flags and compiler,
 written atomically; it links the libgomp that torch already loaded, so there is one OpenMP thread pool.
-No compiler (or a failed build) → a warning once, and `available()` is False: the model and `QuantLinear` then use PyTorch's ops.
+No compiler (or a failed build) → a warning once, and `available()` is False: the model and `QuantLinear`
+then use PyTorch's ops.
 `TIANYING_QUANT_BACKEND=aten|reference` skips the native quantized kernels; `TIANYING_NATIVE_SIMD=0` builds
 the portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI tests both);
 `TIANYING_NATIVE_OPS=0` makes the model use PyTorch's ops for decoding.
