@@ -3,8 +3,8 @@ several thread settings, on an idle machine and with a competing busy loop per c
 one run, since the machine is shared. Usage:
 
     python notes/threads16_measure.py --reps 2 --loads 0,1,2 --configs 1,2,2p
-Config names: N = OMP_NUM_THREADS=N; Np = the same with OMP_WAIT_POLICY=PASSIVE; default = nothing set;
-tN = `--threads N`. Prints a table of median seconds, then one JSON line.
+Config names: N = OMP_NUM_THREADS=N; Np = the same with OMP_WAIT_POLICY=PASSIVE; default = nothing set (the
+policy of tianying.threads); tN = `--threads N`. Prints a table of median seconds, then one JSON line.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
     loads = [int(x) for x in a.loads.split(",")]
     configs = a.configs.split(",")
     times: dict[str, list[float]] = {}
+    choices: dict[str, list[str]] = {}  # what the policy printed (eval)
     for rep in range(a.reps):
         for load in loads:
             hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
@@ -59,13 +60,16 @@ def main() -> None:
                         env, extra = env_for(config)
                         t0 = time.perf_counter()
                         r = subprocess.run([sys.executable, "-m", "tianying", *WORK[work], *extra], cwd=ROOT, env=env,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                           capture_output=True, text=True)
                         dt = time.perf_counter() - t0
                         if r.returncode:
                             sys.exit(f"{work} {config}: {r.stderr.strip()}")
                         times.setdefault(f"{work}|{load}|{config}", []).append(dt)
+                        chose = next((line for line in r.stdout.splitlines() if " thread" in line), "")
+                        if chose:
+                            choices.setdefault(f"{work}|{load}|{config}", []).append(chose)
                         print(f"rep {rep} load {load} {work:8s} {config:8s} {dt:6.2f} s  (loadavg "
-                              f"{os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+                              f"{os.getloadavg()[0]:.2f}) {chose}", file=sys.stderr, flush=True)
             finally:
                 for h in hogs:
                     h.kill()
@@ -76,7 +80,8 @@ def main() -> None:
             print(f"{work:9s}{load:>11d}" + "".join(f"{statistics.median(times[f'{work}|{load}|{c}']):10.2f}"
                                                      for c in configs))
     print(json.dumps({"bench": "threads", "cpus": os.cpu_count(), "reps": a.reps,
-                      "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()}}))
+                      "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()}, "choices": choices},
+                     ensure_ascii=False))
 
 
 if __name__ == "__main__":

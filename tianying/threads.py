@@ -10,9 +10,9 @@ other processes keep busy right now.
 
 Why the last part: OpenMP splits every op into one slice per thread and waits at a barrier for all of them.
 A thread whose core is taken by another process runs only when the scheduler gives it a slice, so every op
-waits for it, and the threads that are waiting spin. Measured on a 2-core machine with one busy-loop
-process per core (notes/threads16.md): `tianying eval models/demo --limit 2` took 3-5x longer at 2 threads
-than at 1, while 2 threads gain only 10-15% on an idle machine. So a core counts as taken when other
+waits for it, and the threads that are waiting spin. Measured on a shared 2-core machine with busy loops
+competing (notes/threads16.md): `tianying eval models/demo --limit 2` took 2.5x longer at 2 threads than at
+1 (37 s vs 15 s), while 2 threads gain only 12% when the cores are free. So a core counts as taken when other
 processes use at least half of it, sampled from /proc/stat between `start_load_sample()` (the CLI calls it
 first) and the choice, a window of the imports' 1-2 s, with this process's own CPU time taken out. Not
 `os.getloadavg()`: it lags by a minute, so right after a run of ours on 16 cores it would hand the next run 1
