@@ -44,7 +44,8 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: Any = None,
              template: str | Path | None = None, lora: str | Path | None = None, quantize: str | None = None,
-             memory_limit: str | int | None = None, check_weights: bool = False) -> LLM:
+             memory_limit: str | int | None = None, check_weights: bool = False,
+             threads: int | str | None = None) -> LLM:
         """Load a checkpoint directory (Hugging Face or FlagAI layout) or a `.gguf` file, with its tokenizer.
 
         Args:
@@ -55,11 +56,17 @@ class LLM:
             quantize: "int8" | "int4" to quantize weights on load.
             memory_limit: e.g. "2GiB": stream layers from disk to stay within the budget.
             check_weights: refuse a checkpoint holding NaN/Inf tensors, naming them (one line).
+            threads: CPU threads for this process's torch ops: a count, or "auto" for the CLI's policy
+                (`tianying.threads`); None leaves torch's setting alone.
         """
         from tianying.checkpoint import load_model
         from tianying.tokenizer import Tokenizer
 
         check_device(device)
+        if threads is not None:
+            from tianying import threads as _threads
+
+            _threads.configure(None if threads == "auto" else threads)
         path = Path(path)
         if not path.exists():
             raise TianyingError(f"checkpoint directory {path} does not exist")

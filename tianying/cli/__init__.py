@@ -58,11 +58,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tianying import threads
+
+    threads.start_load_sample()  # first: the window then spans the imports (tianying.threads)
     parser = build_parser()
     args = parse_args(parser, argv)
     previous_showwarning = _cli_warnings(args.verb)
     try:
-        rc = args.func(args)
+        with threads.preserved():  # main() called from Python leaves torch's thread count as it was
+            if hasattr(args, "threads"):  # every verb that computes: one policy, applied before it starts
+                from tianying.cli._common import apply_threads
+
+                apply_threads(args)
+            rc = args.func(args)
     except TianyingError as e:
         print(f"tianying {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,30 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                    help="refuse a checkpoint whose tensors hold NaN or Inf (names them); reads every weight once")
 
 
+def add_threads_arg(p: argparse.ArgumentParser, torch: bool = True) -> None:
+    """`--threads N`, applied by `tianying.cli.main` before the verb runs (`apply_threads`). torch=False: the
+    verb only runs the `tokenizers` pool, so torch is not imported for it."""
+    what = "the `tokenizers` worker threads" if not torch else "CPU threads for the tensor math"
+    p.add_argument("--threads", default=None, metavar="N",
+                   help=f"{what} (default: $OMP_NUM_THREADS if set, else this machine's physical cores that the "
+                        "process may use, less those other processes keep busy: a thread waiting for a busy "
+                        "core stalls every operation)")
+    p.set_defaults(threads_torch=torch)
+
+
+def apply_threads(args) -> int:
+    """Validate and apply `--threads` (one line for a bad value) or the default policy; see tianying.threads."""
+    from tianying import threads
+    from tianying.errors import TianyingError
+
+    n = args.threads
+    if isinstance(n, str):
+        if not n.strip().isdigit():
+            raise TianyingError(f"--threads must be a whole number ≥ 1, got {n!r}")
+        n = int(n)
+    return threads.configure(n, name="--threads", torch=getattr(args, "threads_torch", True))
+
+
 def add_progress_arg(p: argparse.ArgumentParser) -> None:
     """The one switch every verb that draws progress bars takes."""
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tianying.cli._common import add_load_args, add_sampling_args, load_llm, sampling_kwargs
+from tianying.cli._common import add_load_args, add_sampling_args, add_threads_arg, load_llm, sampling_kwargs
 
 
 def register(sub) -> None:
@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--echo", action="store_true",
                    help="with stdin from a pipe, print each message ('> ' first) above its reply")
     add_sampling_args(p, max_new_tokens=512)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -32,8 +33,10 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     if interactive:
-        print(f"tianying chat — {llm.path} (template {llm.template}); Ctrl-C stops a reply, /reset, /exit",
-              file=sys.stderr)
+        from tianying.threads import describe
+
+        print(f"tianying chat — {llm.path} (template {llm.template}, {describe()}); Ctrl-C stops a reply, "
+              "/reset, /exit", file=sys.stderr)
     while True:
         if interactive:
             try:

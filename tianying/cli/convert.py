@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "1-D tensors stay f32)")
     p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="hf only: split safetensors into shards of at most SIZE, e.g. 500MB (default: 2GB)")
+    from tianying.cli._common import add_threads_arg
+
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

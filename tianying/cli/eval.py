@@ -53,12 +53,16 @@ def register(sub) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights on load")
     p.add_argument("--lora", default=None, metavar="DIR", help="apply a (PEFT-format) LoRA adapter on load")
     p.add_argument("--check-weights", action="store_true", help="refuse a checkpoint with NaN/Inf tensors")
+    from tianying.cli._common import add_threads_arg
+
+    add_threads_arg(p)
     p.set_defaults(func=run, memory_limit=None, template=None)
 
 
 def run(args) -> int:
     import torch
 
+    from tianying import threads
     from tianying.eval.harness import EvalError, EvalLM, evaluate, format_table, resolve_data_dir
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -86,8 +90,10 @@ def run(args) -> int:
                    unsafe_exec=args.unsafe_exec)
     res = {"checkpoint": args.checkpoint, "config": lm.model.config.name if lm else None,
            "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size, "seed": args.seed,
+           "threads": torch.get_num_threads(),
            "num_fewshot": args.num_fewshot, **res}
     print(f"chat template: {res['chat_template'] or 'none (raw prompts)'}")
+    print(threads.describe())
     print(format_table(res["table"]))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tianying.cli._common import add_progress_arg
+from tianying.cli._common import add_progress_arg, add_threads_arg
 
 
 def register(sub) -> None:
@@ -44,6 +44,7 @@ def register(sub) -> None:
     g.add_argument("--pack", action="store_true", help="pack several short conversations into each row")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (and a bf16 frozen base for lora)")
     add_progress_arg(p)
+    add_threads_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lr=1e-4")
     p.set_defaults(func=run)
 
@@ -82,6 +83,9 @@ def run(args) -> int:
             msg += f", validation loss {res.train.val_loss:.4f}"
         if res.seconds_per_step is not None:
             msg += f", {res.seconds_per_step:.3f} s/step"
+        from tianying.threads import describe
+
+        msg += f" on {describe()}"
         if cfg.method == "dpo":
             pref = (json.loads((res.train.out_dir / "finetune_summary.json").read_text()).get("preference")
                     or {}).get("last")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tianying.cli._common import add_load_args, add_sampling_args, load_llm, sampling_kwargs
+from tianying.cli._common import add_load_args, add_sampling_args, add_threads_arg, load_llm, sampling_kwargs
 from tianying.errors import TianyingError
 
 
@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=None, help="the text to complete (default: read stdin)")
     p.add_argument("--bos", action="store_true", help="prepend the BOS token ([CLS]) to the prompt")
     add_sampling_args(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,9 @@ def register(sub) -> None:
                    help="how to hold the base before merging (auto: NF4 for a Q-LoRA adapter, else float)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the written weights (default: the base checkpoint's)")
+    from tianying.cli._common import add_threads_arg
+
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ Launch with torchrun for several processes (`torchrun --nproc_per_node N -m tian
 
 from __future__ import annotations
 
-from tianying.cli._common import add_progress_arg
+from tianying.cli._common import add_progress_arg, add_threads_arg
 
 
 def register(sub) -> None:
@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an out_dir that is not empty (its old checkpoints are kept)")
     add_progress_arg(p)
+    add_threads_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lr=1e-4")
     p.set_defaults(func=run)
 
@@ -47,5 +48,7 @@ def run(args) -> int:
                 import math
 
                 msg += f", validation loss {res.val_loss:.4f} (perplexity {math.exp(min(res.val_loss, 50)):.2f})"
-            print(f"{msg}; final model: {res.out_dir / 'final'}")
+            from tianying.threads import describe
+
+            print(f"{msg} on {describe()}; final model: {res.out_dir / 'final'}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tianying.cli._common import add_progress_arg
+from tianying.cli._common import add_progress_arg, add_threads_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping as a fraction of mean diag(H)")
     p.add_argument("--seed", type=int, default=0, help="gptq: seed for choosing calibration windows")
     add_progress_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 

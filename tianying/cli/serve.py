@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tianying.cli._common import add_load_args
+from tianying.cli._common import add_load_args, add_threads_arg
 from tianying.errors import TianyingError
 
 
@@ -35,9 +35,7 @@ def register(sub) -> None:
     p.add_argument("--chat-template", "--template", dest="template", default=None, metavar="NAME|FILE",
                    help="chat template for /v1/chat/completions: an Aquila template name or a Jinja file "
                         "(default: the checkpoint's own)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the model (default: torch's). On a busy machine fewer threads than cores "
-                        "leave room for the HTTP event loop; oversubscribed OpenMP threads can be 100x slower")
+    add_threads_arg(p)
     p.add_argument("--allowed-origins", default=None, metavar="URL,…",
                    help="web origins whose pages may call the API from a browser (CORS), comma-separated "
                         "(default: none; the chat page at / is same-origin and needs none)")
@@ -72,12 +70,6 @@ def run(args) -> int:
         raise TianyingError(f"--prefill-chunk must be ≥ 1, got {args.prefill_chunk}")
     if not 0 <= args.port <= 65535:
         raise TianyingError(f"--port must be in 0..65535, got {args.port}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise TianyingError(f"--threads must be ≥ 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     from tianying.cli._common import load_llm
 
     llm = load_llm(args)
@@ -94,8 +86,10 @@ def run(args) -> int:
 
         add_flagai_routes(app, llm, api_key=args.api_key, model_name=args.model_name)
     auth = "API key required" if args.api_key else "no API key"
-    print(f"tianying serve: {llm.path} (template {llm.template}, {auth}) on http://{args.host}:{args.port}/",
-          file=sys.stderr, flush=True)
+    from tianying.threads import describe
+
+    print(f"tianying serve: {llm.path} (template {llm.template}, {auth}, {describe()}) on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     from tianying.serve.http import config, serve_with_engine
 
     server = uvicorn.Server(config(app, args.host, args.port, header_timeout=args.header_timeout,

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tianying.cli._common import add_progress_arg
+from tianying.cli._common import add_progress_arg, add_threads_arg
 from tianying.errors import TianyingError
 
 LANGS = ("en", "zh", "code")
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     t.add_argument("--min-frequency", type=int, default=2, metavar="N",
                    help="a pair must occur at least N times to be merged (default: 2)")
     add_progress_arg(t)
+    add_threads_arg(t, torch=False)
     t.set_defaults(func=run_train)
 
     s = sub.add_parser(
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
                    help="use at most the first N documents of each language (default: all)")
     s.add_argument("--json", metavar="OUT", help="also write the JSON result to this file")
     add_progress_arg(s)
+    add_threads_arg(s, torch=False)
     s.set_defaults(func=run_stats)
 
 
