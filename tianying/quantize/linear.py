@@ -329,9 +329,12 @@ def product_bound(x: torch.Tensor, w: torch.Tensor, path: str, spec: QuantSpec) 
     """Analytic bound on |kernel(x) − x·Ŵᵀ| for fp32 x [M, K] and Ŵ [N, K] (both in stored column order).
 
     native: activations rounded to int16 per block of kb columns, |Δx| ≤ max|x_block| / 65534, then exact
-    integer sums scaled in fp32 (≤ 1e-5 relative to |x|·|Ŵ|ᵀ for any K here); PyTorch's kernels round x and
-    the output to bf16 (2⁻⁹ each) and sum in reduced precision: 2⁻⁶·|x|·|Ŵ|ᵀ; the reference: fp32 sums."""
+    integer sums scaled in fp32 (≤ 1e-5 relative to |x|·|Ŵ|ᵀ for any K here), or above NATIVE_MAX_ROWS rows
+    on a CPU with native bf16 (`ops.bf16_gemm`) x and Ŵ rounded to bf16 with fp32 sums (2⁻⁷·|x|·|Ŵ|ᵀ);
+    PyTorch's kernels round x and the output to bf16 (2⁻⁹ each) and sum in reduced precision: 2⁻⁶·|x|·|Ŵ|ᵀ; the reference: fp32 sums."""
     mag = x.abs() @ w.abs().t()
+    if path == "native" and x.shape[0] > NATIVE_MAX_ROWS and native.bf16_gemm():
+        return 2 ** -7 * mag + 1e-6  # prefill in bf16: x and Ŵ rounded to 2⁻⁹ each, fp32 sums
     if path == "native":
         K = x.shape[-1]
         kb = native.act_block(K, spec.group_width(K))
@@ -537,10 +540,12 @@ class QuantLinear(nn.Module):
         y = torch.empty(M, N, dtype=torch.float32)
         step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         buf = torch.empty(min(step, N), self.in_features, dtype=torch.float32)
+        lowp = native.bf16_gemm()  # bf16 products, fp32 sums, where the CPU multiplies bf16 natively
+        xg = x2.to(torch.bfloat16) if lowp else x2
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
             w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, self.scales, self.zeros, n0, n1, buf)
-            y[:, n0:n1] = x2 @ w.t()
+            y[:, n0:n1] = xg @ (w.to(torch.bfloat16) if lowp else w).t()
         return y.to(dtype).reshape(*shape[:-1], N)
 
     def _int4pack(self) -> torch.Tensor:
