@@ -331,7 +331,8 @@ def product_bound(x: torch.Tensor, w: torch.Tensor, path: str, spec: QuantSpec) 
     native: activations rounded to int16 per block of kb columns, |Δx| ≤ max|x_block| / 65534, then exact
     integer sums scaled in fp32 (≤ 1e-5 relative to |x|·|Ŵ|ᵀ for any K here), or above NATIVE_MAX_ROWS rows
     on a CPU with native bf16 (`ops.bf16_gemm`) x and Ŵ rounded to bf16 with fp32 sums (2⁻⁷·|x|·|Ŵ|ᵀ);
-    PyTorch's kernels round x and the output to bf16 (2⁻⁹ each) and sum in reduced precision: 2⁻⁶·|x|·|Ŵ|ᵀ; the reference: fp32 sums."""
+    PyTorch's kernels round x and the output to bf16 (2⁻⁹ each) and sum in reduced precision: 2⁻⁶·|x|·|Ŵ|ᵀ;
+    the reference: fp32 sums."""
     mag = x.abs() @ w.abs().t()
     if path == "native" and x.shape[0] > NATIVE_MAX_ROWS and native.bf16_gemm():
         return 2 ** -7 * mag + 1e-6  # prefill in bf16: x and Ŵ rounded to 2⁻⁹ each, fp32 sums
