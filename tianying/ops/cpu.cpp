@@ -138,26 +138,38 @@ void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, con
     __m256 tot[MB][R];
     for (int m = 0; m < MB; m++)
         for (int r = 0; r < R; r++) tot[m][r] = _mm256_setzero_ps();
+    // U independent accumulators per (row, activation row): with few of them the multiply-add chain's latency,
+    // not memory, would bound the speed (one chain moves 16 bytes per ~5 cycles)
+    constexpr int U = MB * R >= 4 ? 1 : 4 / (MB * R);
     for (long b = 0; b < nb; b++) {
-        __m256i acc[MB][R];
-        for (int m = 0; m < MB; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
-        for (long k = b * kb; k < (b + 1) * kb; k += 16) {
-            if ((k & 63) == 0)
+        __m256i acc[U][MB][R];
+        for (int u = 0; u < U; u++)
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < R; r++) acc[u][m][r] = _mm256_setzero_si256();
+        const long k1 = (b + 1) * kb;
+        for (long k0 = b * kb; k0 < k1; k0 += 16 * U) {
+            for (int u = 0; u < U; u++) {
+                const long k = k0 + 16 * u;
+                if (U > 1 && k >= k1) break;
+                if ((k & 63) == 0)
+                    for (int r = 0; r < R; r++)
+                        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T1);
+                __m256i v[R];
                 for (int r = 0; r < R; r++)
-                    _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T1);
-            __m256i v[R];
-            for (int r = 0; r < R; r++)
-                v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
-            for (int m = 0; m < MB; m++) {
-                const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k));
-                for (int r = 0; r < R; r++) acc[m][r] = TY_DPWSSD(acc[m][r], v[r], x);
+                    v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+                for (int m = 0; m < MB; m++) {
+                    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + k));
+                    for (int r = 0; r < R; r++) acc[u][m][r] = TY_DPWSSD(acc[u][m][r], v[r], x);
+                }
             }
         }
+        for (int u = 1; u < U; u++)  // exact: integer sums in any order
+            for (int m = 0; m < MB; m++)
+                for (int r = 0; r < R; r++) acc[0][m][r] = _mm256_add_epi32(acc[0][m][r], acc[u][m][r]);
         for (int m = 0; m < MB; m++) {
             const float sx = a.scale[m * nb + b];
             for (int r = 0; r < R; r++)
-                tot[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][r]), _mm256_set1_ps(sx), tot[m][r]);
+                tot[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[0][m][r]), _mm256_set1_ps(sx), tot[m][r]);
             off[m] += sx * (float)a.sum[m * nb + b];
         }
     }
