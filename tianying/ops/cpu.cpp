@@ -120,10 +120,10 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// Software prefetch into L2 (a hint: past the end of the weights it is dropped): int8 rows PF_BYTES ahead,
-// int4 8-row blocks PF_BLOCKS ahead (their 8 short interleaved streams escape the hardware prefetcher).
+// Software prefetch into L2 (a hint: past the end of the weights it is dropped) of int4 8-row blocks PF_BLOCKS
+// ahead (their 8 short interleaved streams escape the hardware prefetcher). int8 and dense rows are read as one
+// front-to-back stream per thread, which the hardware prefetcher follows better without hints (measured).
 // I8_ROWS: int8 weight rows sharing each activation load for up to 2 activation rows.
-#define PF_BYTES 1024
 #define PF_BLOCKS 2
 #define I8_ROWS 1
 
@@ -151,9 +151,7 @@ void i8_rows(const Act& a, long K, long kb, const int8_t* w, const float* s, con
             for (int u = 0; u < U; u++) {
                 const long k = k0 + 16 * u;
                 if (U > 1 && k >= k1) break;
-                if ((k & 63) == 0)
-                    for (int r = 0; r < R; r++)
-                        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + PF_BYTES), _MM_HINT_T1);
+
                 __m256i v[R];
                 for (int r = 0; r < R; r++)
                     v[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
@@ -405,53 +403,49 @@ inline __m256 wload(const void* w, long i) {
 }
 #endif
 
-// y[m, n + r] = Σ_k x[m, k] · w[n + r, k] for MB activation rows (stride ldx) and R weight rows: the R rows
-// stream side by side and each loaded weight vector meets all MB activation rows (from L1).
-template <int KIND, int MB, int R>
-void dense_rows(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
+// y[m, n] = Σ_k x[m, k] · w[n, k] for MB activation rows (stride ldx): one weight row streams through once,
+// each loaded weight vector meets all MB activation rows (from L1), and U independent accumulators per
+// activation row keep the FMA latency from bounding the speed. A thread's rows are one contiguous stretch of
+// memory read front to back, the pattern hardware prefetchers follow best (rows side by side would be
+// several short streams that each end after one row).
+template <int KIND, int MB>
+void dense_row(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
     long k = 0;
-    float tot[MB][R];
+    float tot[MB];
 #ifdef TY_AVX2
-    __m256 acc[MB][R];
+    constexpr int U = MB >= 8 ? 1 : MB >= 4 ? 2 : 4;  // MB·U ≤ 8 accumulators (16 vector registers)
+    __m256 acc[MB][U];
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+        for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (; k + 8 * U <= K; k += 8 * U)
+        for (int u = 0; u < U; u++) {
+            const __m256 v = wload<KIND>(w, n * K + k + 8 * u);
+            for (int m = 0; m < MB; m++)
+                acc[m][u] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
+        }
     for (; k + 8 <= K; k += 8) {
-        __m256 v[R];
-        for (int r = 0; r < R; r++) v[r] = wload<KIND>(w, (n + r) * K + k);
-        for (int m = 0; m < MB; m++) {
-            const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-            for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(v[r], xv, acc[m][r]);
-        }
+        const __m256 v = wload<KIND>(w, n * K + k);
+        for (int m = 0; m < MB; m++) acc[m][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
     }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) tot[m][r] = hsum(acc[m][r]);
+    for (int m = 0; m < MB; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+        tot[m] = hsum(acc[m][0]);
+    }
 #else
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) tot[m][r] = 0.f;
+    for (int m = 0; m < MB; m++) tot[m] = 0.f;
 #endif
-    for (; k < K; k++)
-        for (int r = 0; r < R; r++) {
-            const float wv = wscalar<KIND>(w, (n + r) * K + k);
-            for (int m = 0; m < MB; m++) tot[m][r] += wv * x[m * ldx + k];
-        }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) y[m * ldy + n + r] = tot[m][r];
+    for (; k < K; k++) {
+        const float wv = wscalar<KIND>(w, n * K + k);
+        for (int m = 0; m < MB; m++) tot[m] += wv * x[m * ldx + k];
+    }
+    for (int m = 0; m < MB; m++) y[m * ldy + n] = tot[m];
 }
 
-// Rows split statically between the threads in groups of R (more rows side by side for fewer activation rows:
-// the accumulators must fit the 16 vector registers).
+// Rows split statically between the threads (contiguous ranges).
 template <int KIND, int MB>
 void dense_region_mb(const float* x, long ldx, const Proj& p, float* y, long ldy) {
-    constexpr int R = MB >= 8 ? 1 : MB >= 4 ? 2 : 4;
-    const long full = p.N / R;
 #pragma omp for schedule(static)
-    for (long i = 0; i <= full; i++) {
-        if (i < full) {
-            dense_rows<KIND, MB, R>(x, ldx, p.K, p.w, i * R, y, ldy);
-        } else {
-            for (long n = full * R; n < p.N; n++) dense_rows<KIND, MB, 1>(x, ldx, p.K, p.w, n, y, ldy);
-        }
-    }
+    for (long n = 0; n < p.N; n++) dense_row<KIND, MB>(x, ldx, p.K, p.w, n, y, ldy);
 }
 
 template <int KIND>
