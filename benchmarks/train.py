@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def build(impl: str, size: str, seed: int = 0, device: str = "cpu"):
@@ -59,13 +58,14 @@ def make_step(impl: str, model, ids: torch.Tensor, precision: str, device: str):
         return torch.autocast(device.split(":")[0], dtype=amp) if amp else torch.autocast("cpu", enabled=False)
 
     if impl.startswith("tianying"):
+        from tianying.train.loop import TokenLoss
+
         fwd = torch.compile(model) if impl == "tianying+compile" else model
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        objective = TokenLoss()
 
         def step():
-            with ctx():
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") / y.numel()
+            loss = objective(fwd, (x, y), ctx)[0] / y.numel()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

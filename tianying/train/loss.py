@@ -1,0 +1,108 @@
+"""Cross-entropy over a large vocabulary without the full logits: the LM head and the loss in one step.
+
+`F.cross_entropy(lm_head(h).float(), y, reduction="sum")` materialises [N, V] fp32 logits, their
+log-softmax and, in backward, their gradient — three N×V buffers (64 MiB each for 1024 tokens of a 16K
+vocabulary) that are streamed through memory several times. `linear_cross_entropy` computes the same sum from
+the final hidden states h in chunks of rows: per chunk the logits, their log-softmax (the loss) and, when a
+gradient is wanted, softmax − one-hot, which is multiplied straight away into dh (this chunk's rows) and dW
+(accumulated over chunks). So the gradients are computed in the forward, while the chunk is still in cache;
+backward only scales them by the incoming gradient (the loop's 1/token-count). No extra matmul is done (no
+recomputation) and peak memory holds one chunk's logits instead of three full copies.
+
+Rows whose target is `ignore_index` are dropped before the head is applied: an SFT batch, where prompts are
+masked, pays the LM head only for the reply tokens.
+
+Numerics follow the unfused path exactly: the head runs in the autocast dtype when autocast is on (else h's
+dtype), logits are upcast to fp32 for the softmax, the logits' gradient is cast back to the head's dtype
+before its two matmuls (as autograd does through the cast), and dW accumulates in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 1 << 22
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows per chunk: ~4M logits (16 MiB fp32), so a chunk stays in a server L3 and the matmuls stay big."""
+    return max(16, min(1024, CHUNK_LOGITS // max(vocab, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, cdt, want_h, want_w):
+        dev = h.device.type
+        with torch.autocast(dev, enabled=False):
+            x_all = h if h.dtype == cdt else h.to(cdt)
+            w = weight if weight.dtype == cdt else weight.to(cdt)
+            n, V = x_all.shape[0], w.shape[0]
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            dh = torch.empty_like(x_all) if want_h else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+            buf = torch.empty(min(chunk, n), V, dtype=cdt, device=h.device)
+            for s in range(0, n, chunk):
+                x, y = x_all[s:s + chunk], targets[s:s + chunk]
+                c = x.shape[0]
+                z = torch.mm(x, w.t(), out=buf[:c])
+                z = z if z.dtype == torch.float32 else z.float()
+                # log p_t = z_t − max z + log(max p), as max p = 1/Σexp(z − max z): softmax plus two cheap row
+                # maxima cost a third of log_softmax followed by exp on CPU, and log p_t cannot underflow
+                zt, zmax = z.gather(1, y[:, None]), z.amax(1, keepdim=True)
+                g = torch.softmax(z, dim=1)
+                loss -= (zt - zmax + g.amax(1, keepdim=True).log()).sum()
+                if dh is None and dw is None:
+                    continue
+                g.scatter_add_(1, y[:, None], torch.full((c, 1), -1.0, dtype=g.dtype, device=g.device))
+                g = g if g.dtype == cdt else g.to(cdt)
+                if dh is not None:
+                    torch.mm(g, w, out=dh[s:s + c])
+                if dw is not None:
+                    if cdt == torch.float32:
+                        dw.addmm_(g.t(), x)
+                    else:
+                        dw += torch.mm(g.t(), x).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        if dh is not None:
+            dh = (dh.to(ctx.h_dtype) if dh.dtype != ctx.h_dtype else dh).mul_(grad)
+        if dw is not None:
+            dw = (dw.to(ctx.w_dtype) if dw.dtype != ctx.w_dtype else dw).mul_(grad)
+        return dh, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, chunk: int | None = None) -> torch.Tensor:
+    """Σ cross_entropy(h @ weightᵀ, targets) over the targets that are not `ignore_index` (an fp32 scalar).
+
+    h [..., d] final hidden states (normed), weight [V, d] the LM head, targets [...] aligned with h's rows.
+    Equals `F.cross_entropy((h @ weight.T).float(), targets, ignore_index=..., reduction="sum")` — including
+    under autocast — with gradients for h and weight; `chunk` rows at a time (default ~4M logits per chunk).
+    """
+    d = h.shape[-1]
+    h, targets = h.reshape(-1, d), targets.reshape(-1)
+    keep = targets != ignore_index
+    if not bool(keep.all()):  # score only the labelled rows; dh of the others is zero
+        idx = keep.nonzero().squeeze(1)
+        sub = linear_cross_entropy(h.index_select(0, idx), weight, targets.index_select(0, idx), ignore_index, chunk)
+        return sub
+    dev = h.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    grad = torch.is_grad_enabled()
+    want_h, want_w = grad and h.requires_grad, grad and weight.requires_grad
+    if h.shape[0] == 0:
+        return (h.sum() + weight.sum()) * 0.0  # keeps the graph (and the zero gradients) of an empty batch
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk or _chunk_rows(weight.shape[0]), cdt, want_h, want_w)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The unfused reference: summed fp32 cross-entropy of logits [..., V] against targets [...]."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction="sum")
