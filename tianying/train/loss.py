@@ -27,8 +27,9 @@ CHUNK_LOGITS = 1 << 22
 
 
 def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk: ~4M logits (16 MiB fp32), so a chunk stays in a server L3 and the matmuls stay big."""
-    return max(16, min(1024, CHUNK_LOGITS // max(vocab, 1)))
+    """Rows per chunk: ~4M logits (16 MiB fp32, so a chunk's softmax stays in L3), but never fewer than 256:
+    dW += gᵀx with K = rows streams all of dW per chunk, and below ~256 rows that update is memory-bound."""
+    return max(256, min(1024, CHUNK_LOGITS // max(vocab, 1)))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n, V = x_all.shape[0], w.shape[0]
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             dh = torch.empty_like(x_all) if want_h else None
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
+            dw = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
             buf = torch.empty(min(chunk, n), V, dtype=cdt, device=h.device)
             for s in range(0, n, chunk):
                 x, y = x_all[s:s + chunk], targets[s:s + chunk]
@@ -59,11 +60,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = g if g.dtype == cdt else g.to(cdt)
                 if dh is not None:
                     torch.mm(g, w, out=dh[s:s + c])
-                if dw is not None:
-                    if cdt == torch.float32:
-                        dw.addmm_(g.t(), x)
+                if dw is not None:  # the first chunk writes dW (no zero-fill), the others add to it
+                    if cdt != torch.float32:
+                        part = torch.mm(g.t(), x).float()
+                        dw.copy_(part) if s == 0 else dw.add_(part)
+                    elif s == 0:
+                        torch.mm(g.t(), x, out=dw)
                     else:
-                        dw += torch.mm(g.t(), x).float()
+                        dw.addmm_(g.t(), x)
         ctx.save_for_backward(dh, dw)
         ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
         return loss
