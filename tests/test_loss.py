@@ -131,3 +131,15 @@ def test_wrapped_or_swapped_heads_use_the_logits_path():
     assert _fusable_head(nn.Sequential(model)) is None  # e.g. a DDP/FSDP wrapper
     model.lm_head = nn.Sequential(model.lm_head)  # e.g. a LoRA or quantized head
     assert _fusable_head(model) is None
+
+
+def test_confidently_wrong_rows_keep_an_exact_loss():
+    # logit gaps of ~200 nats: p_target underflows in fp32, the loss must still be the gap (not inf)
+    h, w, y = _case(n=9, d=8, V=50, seed=2, ignore=False)
+    w = w * 60.0
+    ref = _reference(h, w, y)
+    got = _fused(h, w, y, chunk=4)
+    assert torch.isfinite(got[0]) and float(ref[0]) > 300
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)

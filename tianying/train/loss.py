@@ -49,11 +49,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 c = x.shape[0]
                 z = torch.mm(x, w.t(), out=buf[:c])
                 z = z if z.dtype == torch.float32 else z.float()
-                # log p_t = z_t − max z + log(max p), as max p = 1/Σexp(z − max z): softmax plus two cheap row
-                # maxima cost a third of log_softmax followed by exp on CPU, and log p_t cannot underflow
-                zt, zmax = z.gather(1, y[:, None]), z.amax(1, keepdim=True)
+                # the loss from the softmax itself (softmax costs a third of log_softmax followed by exp on CPU):
+                # log p_t to fp32 precision while p_t is a normal float; the rare rows where it underflows take
+                # log p_t = z_t − logsumexp(z) instead
                 g = torch.softmax(z, dim=1)
-                loss -= (zt - zmax + g.amax(1, keepdim=True).log()).sum()
+                pt = g.gather(1, y[:, None]).squeeze(1)
+                small = pt < 1e-30
+                if bool(small.any()):
+                    r = small.nonzero().squeeze(1)
+                    pt = pt.log().index_put((r,), z[r].gather(1, y[r, None]).squeeze(1) - torch.logsumexp(z[r], 1))
+                    loss -= pt.sum()
+                else:
+                    loss -= pt.log().sum()
                 if dh is None and dw is None:
                     continue
                 g.scatter_add_(1, y[:, None], torch.full((c, 1), -1.0, dtype=g.dtype, device=g.device))
