@@ -32,6 +32,21 @@ def _chunk_rows(vocab: int) -> int:
     return max(256, min(1024, CHUNK_LOGITS // max(vocab, 1)))
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer kept for the next step on CPU: a fresh 16 MiB allocation per step is fresh pages from the
+    kernel, and their first-touch faults cost as much as the chunk's softmax (CUDA's allocator caches already)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (name, dtype, device)
+    t = _SCRATCH.get(key)
+    if t is None or t.numel() < numel:
+        t = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return t[:numel]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, cdt, want_h, want_w):
@@ -43,7 +58,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             dh = torch.empty_like(x_all) if want_h else None
             dw = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
-            buf = torch.empty(min(chunk, n), V, dtype=cdt, device=h.device)
+            rows = min(chunk, n)
+            buf = _scratch("logits", rows * V, cdt, h.device).view(rows, V)
+            prob = _scratch("softmax", rows * V, torch.float32, h.device).view(rows, V)
             for s in range(0, n, chunk):
                 x, y = x_all[s:s + chunk], targets[s:s + chunk]
                 c = x.shape[0]
@@ -52,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # the loss from the softmax itself (softmax costs a third of log_softmax followed by exp on CPU):
                 # log p_t to fp32 precision while p_t is a normal float; the rare rows where it underflows take
                 # log p_t = z_t − logsumexp(z) instead
-                g = torch.softmax(z, dim=1)
+                g = torch.softmax(z, dim=1, out=prob[:c])
                 pt = g.gather(1, y[:, None]).squeeze(1)
                 small = pt < 1e-30
                 if bool(small.any()):
