@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_LOGITS = 1 << 22
+CHUNK_LOGITS = 1 << 23
 
 
 def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk: ~4M logits (16 MiB fp32, so a chunk's softmax stays in L3), but never fewer than 256:
-    dW += gᵀx with K = rows streams all of dW per chunk, and below ~256 rows that update is memory-bound."""
+    """Rows per chunk: ~8M logits (32 MiB fp32), but never fewer than 256. Measured on a 2-core Zen 4 (16K
+    vocabulary, d 256, 1024 rows, head + loss forward and backward): 2 threads 165 ms at 256 rows, 151–165 at
+    512 and 1024, 227–271 unfused; 1 thread best at 256–512. Below ~128 rows MKL's dW += gᵀx (K = rows) and the
+    head GEMMs lose efficiency (100K vocabulary, 1 thread: 48 rows 3.1 s, 256 rows 2.1 s, unfused 2.8 s)."""
     return max(256, min(1024, CHUNK_LOGITS // max(vocab, 1)))
 
 
@@ -112,7 +114,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     h [..., d] final hidden states (normed), weight [V, d] the LM head, targets [...] aligned with h's rows.
     Equals `F.cross_entropy((h @ weight.T).float(), targets, ignore_index=..., reduction="sum")` — including
-    under autocast — with gradients for h and weight; `chunk` rows at a time (default ~4M logits per chunk).
+    under autocast — with gradients for h and weight; `chunk` rows at a time (default ~8M logits per chunk).
     """
     d = h.shape[-1]
     h, targets = h.reshape(-1, d), targets.reshape(-1)
