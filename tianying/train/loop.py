@@ -368,12 +368,13 @@ class TokenLoss:
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
-    """The plain LM head of a tianying Transformer run as is or torch.compile'd; None for anything else (DDP and
-    FSDP wrappers, which must see the head used inside their forward; swapped heads: LoRA, quantized)."""
+    """The plain LM head of a tianying Transformer run as is or torch.compile'd; None for anything else: a DDP
+    wrapper or an FSDP-sharded model (each must see the head used inside its forward, to reduce its gradient), a
+    swapped head (LoRA, quantized)."""
     m = getattr(model, "_orig_mod", model)
     if not isinstance(m, Transformer) or type(m.lm_head) is not nn.Linear or m.lm_head.bias is not None:
         return None
-    return m.lm_head
+    return None if D.is_sharded(m.lm_head) else m.lm_head
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
