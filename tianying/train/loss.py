@@ -3,11 +3,11 @@
 `F.cross_entropy(lm_head(h).float(), y, reduction="sum")` materialises [N, V] fp32 logits, their
 log-softmax and, in backward, their gradient — three N×V buffers (64 MiB each for 1024 tokens of a 16K
 vocabulary) that are streamed through memory several times. `linear_cross_entropy` computes the same sum from
-the final hidden states h in chunks of rows: per chunk the logits, their log-softmax (the loss) and, when a
-gradient is wanted, softmax − one-hot, which is multiplied straight away into dh (this chunk's rows) and dW
-(accumulated over chunks). So the gradients are computed in the forward, while the chunk is still in cache;
-backward only scales them by the incoming gradient (the loop's 1/token-count). No extra matmul is done (no
-recomputation) and peak memory holds one chunk's logits instead of three full copies.
+the final hidden states h in chunks of rows: per chunk the logits, their softmax (whose log at the target is
+the loss) and, when a gradient is wanted, softmax − one-hot, which is multiplied straight away into dh (this
+chunk's rows) and dW (accumulated over chunks). So the gradients are computed in the forward, while the chunk
+is still in cache; backward only scales them by the incoming gradient (the loop's 1/token-count). No extra
+matmul is done (no recomputation) and peak memory holds one chunk's logits instead of three full copies.
 
 Rows whose target is `ignore_index` are dropped before the head is applied: an SFT batch, where prompts are
 masked, pays the LM head only for the reply tokens.
