@@ -6,10 +6,12 @@ best round, so a busy machine slows both alike instead of whichever happened to 
 measured in a fresh subprocess per (model, precision): peak RSS growth over the process's RSS before the
 model was built (CPU) or `max_memory_allocated` (GPU).
 
-tianying's step is `tianying.train.loop.train`'s inner step: logits for T positions scored against
-pre-shifted labels (no slice-and-copy of the logits), loss summed and divided by the token count, fused
-AdamW, fp32 master weights with autocast for bf16. `--compile` adds a `torch.compile`d tianying row (the
-loop's `compile: true`).
+tianying's step is `tianying.train.loop.train`'s inner step, with the loop's own objective (`TokenLoss`):
+the model's final hidden states go into `tianying.train.loss.linear_cross_entropy`, which applies the LM
+head and the cross-entropy in chunks of rows against pre-shifted labels (no [B, T, V] logits, their
+log-softmax or their gradient in memory), loss summed and divided by the token count, fused AdamW, fp32
+master weights with autocast for bf16. transformers' step is `model(input_ids, labels=...).loss`.
+`--compile` adds a `torch.compile`d tianying row (the loop's `compile: true`).
 
     python benchmarks/train.py                       # demo config, batch 4 × 256, fp32 and bf16
     python benchmarks/train.py --size small --dtypes fp32 --compile
@@ -27,7 +29,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def build(impl: str, size: str, seed: int = 0, device: str = "cpu"):
@@ -59,13 +60,14 @@ def make_step(impl: str, model, ids: torch.Tensor, precision: str, device: str):
         return torch.autocast(device.split(":")[0], dtype=amp) if amp else torch.autocast("cpu", enabled=False)
 
     if impl.startswith("tianying"):
+        from tianying.train.loop import TokenLoss
+
         fwd = torch.compile(model) if impl == "tianying+compile" else model
         x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        objective = TokenLoss()
 
         def step():
-            with ctx():
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") / y.numel()
+            loss = objective(fwd, (x, y), ctx)[0] / y.numel()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

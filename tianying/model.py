@@ -427,8 +427,10 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | CacheRows | None = None,
                 positions: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`).
+                doc_ids: torch.Tensor | None = None, last_only: bool = False,
+                hidden_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`); with `hidden_only`, the normed final hidden states
+        [B, T, d] instead (training applies the head inside its loss, tianying.train.loss).
 
         Args:
             input_ids: [B, T] token ids.
@@ -486,7 +488,8 @@ class Transformer(nn.Module):
             cache.end(step)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
 
     def _head_with_ops(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of fp32 hidden states [B, D] (final RMSNorm fused into the head's product)."""

@@ -50,9 +50,11 @@ from torch import nn
 
 from tianying.config import ConfigError
 from tianying.errors import TianyingError
+from tianying.model import Transformer
 from tianying.train import distributed as D
 from tianying.train import state as S
 from tianying.train.log import MetricsLogger, plot_loss
+from tianying.train.loss import linear_cross_entropy
 
 
 # =============================================================================================== config
@@ -356,9 +358,23 @@ class TokenLoss:
 
     def __call__(self, model: nn.Module, batch: Sequence[torch.Tensor], autocast: Callable) -> tuple:
         kw = {"doc_ids": batch[2]} if len(batch) > 2 else {}
+        head = _fusable_head(model)
         with autocast():
-            logits = model(batch[0], **kw)
-        return _token_ce_sum(logits, batch[1]), {}
+            if head is None:
+                return _token_ce_sum(model(batch[0], **kw), batch[1]), {}
+            # the head inside the loss, in chunks of rows (tianying.train.loss): the same sum, without the
+            # full [B, T, V] logits and their gradient
+            return linear_cross_entropy(model(batch[0], hidden_only=True, **kw), head.weight, batch[1]), {}
+
+
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The plain LM head of a tianying Transformer run as is or torch.compile'd; None for anything else: a DDP
+    wrapper or an FSDP-sharded model (each must see the head used inside its forward, to reduce its gradient), a
+    swapped head (LoRA, quantized)."""
+    m = getattr(model, "_orig_mod", model)
+    if not isinstance(m, Transformer) or type(m.lm_head) is not nn.Linear or m.lm_head.bias is not None:
+        return None
+    return None if D.is_sharded(m.lm_head) else m.lm_head
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
