@@ -465,7 +465,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rows = None
         if (step is not None and T == 1 and qscale is None and self.native_ops and device.type == "cpu"
-                and not torch.is_grad_enabled() and ops.enabled()):
+                and not hidden_only and not torch.is_grad_enabled() and ops.enabled()):
             rows = step.rows_for_ops()
         if rows is not None:  # a decode step on tianying.ops: fp32 activations [B, D] throughout
             cos, sin = rotation_tables(*self.rope(positions, start, T, torch.float32, device))
