@@ -355,12 +355,15 @@ void gemm_rows(const Act& a, const Proj& p, float* y, long ldy) {
 
 // y [M, ldy] = x [M, K] (contiguous) · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds
 // the activations of up to 8 rows, then every thread streams its share of the weights once for them).
-void gemm_region(const float* x, long M, const Proj& p, float* y, long ldy, Act& a) {
+// `rounded`: `a` already holds these ≤ 8 rows rounded for this kb, perm and kind (the previous weight of a call).
+void gemm_region(const float* x, long M, const Proj& p, float* y, long ldy, Act& a, bool rounded = false) {
     for (long m0 = 0; m0 < M;) {
         const long left = M - m0;
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (!rounded || mb != M) {  // (several blocks: `a` holds only the last one)
 #pragma omp single
-        quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.kind == KI8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
+            quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.kind == KI8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
+        }
         float* ym = y + m0 * ldy;
         if (mb == 8) gemm_rows<8>(a, p, ym, ldy);
         else if (mb == 4) gemm_rows<4>(a, p, ym, ldy);
@@ -494,7 +497,11 @@ void products(const float* xin, long ld, long M, const Proj* const* ps, int n, f
             case KF32: dense_region<KF32>(xin, ld, M, p, yi, ldy); break;
             case KBF16: dense_region<KBF16>(xin, ld, M, p, yi, ldy); break;
             case KF16: dense_region<KF16>(xin, ld, M, p, yi, ldy); break;
-            default: gemm_region(xin, M, p, yi, ldy, act);
+            default: {  // q/k/v (gate/up) of one spec share the rounded activations
+                const Proj* q = i ? ps[i - 1] : nullptr;
+                const bool same = q && q->kind == p.kind && q->kb == p.kb && q->perm == p.perm && q->K == p.K;
+                gemm_region(xin, M, p, yi, ldy, act, same);
+            }
         }
         col += p.kind >= KI8 ? p.N8 : p.N;
     }
@@ -574,7 +581,8 @@ void attend(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH
             const float* cm = cos + m * ldcs;
             const float* sm = sin + m * ldcs;
             for (long d = 0; d < HD; d++) tmp[d] = t[d];
-            for (long d = 0; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[(d + half) % HD] * sm[d];
+            for (long d = 0; d < half; d++) t[d] = tmp[d] * cm[d] + tmp[d + half] * sm[d];  // (no % in the loop)
+            for (long d = half; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[d - half] * sm[d];
             if (h >= H) {  // store the rotated key and its value
                 const long g = h - H;
                 C* kd = kc + m * rs + (g * L + pos[m]) * HD;
