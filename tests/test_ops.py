@@ -332,7 +332,7 @@ def test_engine_decodes_on_the_ops_like_pytorch(count_steps: list) -> None:
     prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 11, 6)]
     params = SamplingParams(max_new_tokens=7)
     native = Engine(m, max_batch=2, prefill_chunk=4).generate_ids(prompts, params)
-    assert len(count_steps) >= 7 * cfg.n_layer
+    assert len(count_steps) >= 7 * cfg.n_layer or not QUANT_NATIVE  # (a forced backend: PyTorch's path)
     m.native_ops = False
     plain = Engine(m, max_batch=2, prefill_chunk=4).generate_ids(prompts, params)
     m.native_ops = True

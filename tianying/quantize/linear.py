@@ -479,8 +479,7 @@ class QuantLinear(nn.Module):
     def native_weight(self) -> native.Weight | None:
         """This layer as a `tianying.ops.linear` operand (fp32 activations), or None when the native kernels do
         not serve it (another backend, a bias). Kept until the buffers are replaced, moved or reloaded."""
-        key = ("op", os.environ.get("TIANYING_QUANT_BACKEND"))
-        w = self._fast.get(key)
+        w = self._fast.get("op")  # (the backend a layer's first use chose stays until `prepare`)
         if w is not None and w.tensors[0] is self._buffers["qweight"]:
             return w
         if self.bias is not None or self.path_for(torch.float32) != "native" or not self.qweight.is_contiguous():
@@ -490,7 +489,7 @@ class QuantLinear(nn.Module):
         perm = None if self.perm is None else self.perm.to(torch.int64).contiguous()
         w = native.quant_weight(self.qweight, ops, int8, self.in_features, perm)
         if self.cache_ops:
-            self._fast[key] = w
+            self._fast["op"] = w
         return w
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
