@@ -68,6 +68,19 @@ def test_default_is_physical_cores_of_the_affinity_mask(monkeypatch):
     assert threads.default_threads() == (1, "1 physical core")
 
 
+def test_ranks_of_one_machine_share_its_cores(monkeypatch):
+    """Processes of a distributed run on one machine (forked, or launched without torchrun's OMP_NUM_THREADS)
+    split the cores instead of each taking all of them."""
+    fake_machine(monkeypatch, smt_topology(8), set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert threads.default_threads() == (2, "8 physical cores shared by 4 local ranks")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert threads.default_threads()[0] == 8  # a world size alone says nothing about this machine
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert threads.default_threads()[0] == 1
+
+
 @pytest.mark.parametrize("cpu_max, expected", [("max 100000", 4), ("150000 100000", 1), ("200000 100000", 2),
                                                ("800000 100000", 4), ("50000 100000", 1)])
 def test_cgroup_v2_quota_caps_the_default(monkeypatch, cpu_max, expected):

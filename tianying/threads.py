@@ -148,6 +148,10 @@ def default_threads() -> tuple[int, str]:
     if quota is not None and math.floor(quota) < n:  # more threads than the quota: the cgroup stalls them all
         n = max(1, math.floor(quota))
         why += f", CPU quota {quota:g}"
+    local = os.environ.get("LOCAL_WORLD_SIZE") or (os.environ.get("WORLD_SIZE") if "LOCAL_RANK" in os.environ else "")
+    if local.isdigit() and int(local) > 1:  # ranks of one machine share its cores (torchrun sets OMP_NUM_THREADS)
+        n = max(1, n // int(local))
+        why += f" shared by {local} local ranks"
     busy = _others_busy(cpus)
     if busy is not None:
         taken = math.floor(busy * cores / len(cpus) + 0.5)  # in cores; a core counts when ≥ half busy
@@ -193,7 +197,7 @@ def configure(n: int | None = None, *, name: str = "threads", torch: bool = True
     if torch:
         import torch as _torch  # before the choice: importing it is most of the load-sampling window
     threads, why = resolve(n, name=name)
-    if torch:
+    if torch and _torch.get_num_threads() != threads:  # (a forked process should not touch its OpenMP pool needlessly)
         _torch.set_num_threads(threads)
         try:
             _torch.set_num_interop_threads(threads)
