@@ -37,6 +37,7 @@ the portable scalar code even on an AVX2 CPU (what a CPU without AVX2 runs; CI t
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -61,9 +62,17 @@ def _compiler() -> str | None:
     return None
 
 
+def cpu_capability() -> str:
+    """The instruction set torch dispatches to here ("AVX512", "AVX2", "DEFAULT"; `ATEN_CPU_CAPABILITY` lowers it)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        return "unknown"
+
+
 def _flags(simd: bool = True) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
-    cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    cap = cpu_capability()
     if simd and os.environ.get("TIANYING_NATIVE_SIMD", "1") == "0":
         simd = False
     if simd and (cap.startswith("AVX2") or cap.startswith("AVX512")):
@@ -416,7 +425,9 @@ def mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, norm: torch.Ten
     return y
 
 
-_BF16: list[bool] = []
+@functools.cache
+def _native_bf16() -> bool:
+    return cpu_capability().startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def bf16_gemm() -> bool:
@@ -424,10 +435,7 @@ def bf16_gemm() -> bool:
     avx512_bf16 or AMX. Quantized prefill then multiplies its dequantized rows in bf16 (measured on a 2-core
     avx512_bf16 EPYC: 512×576 by 576×1536 at 136 GFLOP/s in bf16 against 41 in fp32), as llama.cpp rounds the
     activations of its quantized prefill to 8 bits. `TIANYING_PREFILL_BF16=0` keeps fp32."""
-    if not _BF16:
-        cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
-        _BF16.append(cap.startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()))
-    return _BF16[0] and os.environ.get("TIANYING_PREFILL_BF16", "1") != "0"
+    return _native_bf16() and os.environ.get("TIANYING_PREFILL_BF16", "1") != "0"
 
 
 def enabled() -> bool:

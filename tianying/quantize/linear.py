@@ -320,7 +320,7 @@ def self_check(path: str) -> bool:
     ok = not why
     if not ok and why != "not in this torch build":
         warnings.warn(f"quantized backend {path!r} switched off for this process: {why} (CPU capability "
-                      f"{_cpu_capability()}); using the next backend", stacklevel=3)
+                      f"{native.cpu_capability()}); using the next backend", stacklevel=3)
     _CHECKED[path] = ok
     return ok
 
@@ -343,13 +343,6 @@ def product_bound(x: torch.Tensor, w: torch.Tensor, path: str, spec: QuantSpec) 
         wsum = w.abs().reshape(w.shape[0], -1, kb).sum(-1)  # [N, blocks]
         return (xmax / 65534) @ wsum.t() + 1e-5 * mag + 1e-6
     return (2 ** -6 if path in ("int8_cpu", "int4_cpu") else 1e-5) * mag + 1e-6
-
-
-def _cpu_capability() -> str:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # torch < 2.1
-        return "unknown"
 
 
 class QuantLinear(nn.Module):
@@ -486,6 +479,8 @@ class QuantLinear(nn.Module):
             return None
         int8 = self.spec.bits == 8
         ops = self._fast.get("native") or native.operands(self.scales, self.zeros, int8, self.in_features)
+        if self.cache_ops:
+            self._fast["native"] = ops  # (the prefill path reads the same operands)
         perm = None if self.perm is None else self.perm.to(torch.int64).contiguous()
         w = native.quant_weight(self.qweight, ops, int8, self.in_features, perm)
         if self.cache_ops:
