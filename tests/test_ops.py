@@ -148,22 +148,30 @@ def _model(n_kv_head: int = 2, bits: int | None = None, dtype: torch.dtype = tor
 
 
 @pytest.fixture
-def count_steps(monkeypatch):  # noqa: ANN001, ANN201 - counts layers decoded on the ops
+def count_steps(monkeypatch):  # noqa: ANN001, ANN201 - counts layers decoded on the ops (called or replayed)
     calls = []
-    real = ops.attend_decode
+    now, replay = ops._run_now, ops.Graph.run
 
-    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        return real(*a, **k)
+    def spy_now(built):  # noqa: ANN001, ANN202
+        if built[0].kind == ops.OP_ATTEND:
+            calls.append(1)
+        return now(built)
 
-    monkeypatch.setattr(ops, "attend_decode", spy)
+    def spy_replay(graph):  # noqa: ANN001, ANN202
+        calls.extend(1 for op in graph._ops if op.kind == ops.OP_ATTEND)
+        return replay(graph)
+
+    monkeypatch.setattr(ops, "_run_now", spy_now)
+    monkeypatch.setattr(ops.Graph, "run", spy_replay)
     return calls
 
 
-def _decode(m, cfg, prompt: torch.Tensor, steps: int, native: bool) -> torch.Tensor:  # noqa: ANN001
+def _decode(m, cfg, prompt: torch.Tensor, steps: int, native: bool, cache=None) -> torch.Tensor:  # noqa: ANN001
     m.native_ops = native
     try:
-        cache = KVCache.for_model(m, prompt.shape[0], prompt.shape[1] + steps + 1)
+        if cache is None:
+            cache = KVCache.for_model(m, prompt.shape[0], prompt.shape[1] + steps + 1)
+        cache.reset()
         with torch.inference_mode():
             out = [m(prompt, cache=cache, last_only=True).float()]
             tok = out[-1][:, -1].argmax(-1, keepdim=True)
@@ -322,6 +330,82 @@ def test_weights_changed_under_the_model_are_read_as_they_are_now() -> None:
     lin.weight.data = torch.randn_like(lin.weight)
     torch.testing.assert_close(_decode(d, cfg, prompt, 3, native=True), _decode(d, cfg, prompt, 3, native=False),
                                rtol=1e-4, atol=1e-4)
+
+
+def _recorded(monkeypatch) -> list:  # noqa: ANN001 - counts decode graphs recorded
+    from tianying import model as model_mod
+
+    made, real = [], model_mod.DecodeGraph.__init__
+
+    def spy(self, *a):  # noqa: ANN001, ANN002, ANN202
+        made.append(1)
+        return real(self, *a)
+
+    monkeypatch.setattr(model_mod.DecodeGraph, "__init__", spy)
+    return made
+
+
+@pytest.mark.parametrize("weights", WEIGHTS, ids=WEIGHT_IDS)
+def test_decode_graph_replays_the_layer_by_layer_step(weights: tuple, monkeypatch) -> None:  # noqa: ANN001
+    """A decode step replayed from its recorded graph gives the same logits, bit for bit, as the same ops
+    called layer by layer (a block with a forward hook decodes that way); one graph per batch shape."""
+    if weights[0] and not QUANT_NATIVE:
+        pytest.skip("another quantization backend is forced")
+    made = _recorded(monkeypatch)
+    m, cfg = _model(2, *weights)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    replayed = _decode(m, cfg, prompt, 5, native=True)
+    assert len(made) == 1  # recorded at the first step, replayed at the other four
+    handle = m.model.layers[0].register_forward_pre_hook(lambda mod, args: None)
+    try:
+        stepwise = _decode(m, cfg, prompt, 5, native=True)
+    finally:
+        handle.remove()
+    assert len(made) == 1
+    torch.testing.assert_close(replayed, stepwise, rtol=0, atol=0)
+    _decode(m, cfg, prompt[:1], 2, native=True)
+    assert len(made) == 2  # another batch shape, another graph
+
+
+def test_decode_graph_follows_the_model(monkeypatch) -> None:  # noqa: ANN001
+    """What a graph read stays what the model has now: weights updated in place (read in place: no new graph),
+    a replaced projection (a LoRA-like wrapper: the layer-by-layer path), a forward hook that changes a
+    block's input, and bf16 norms changed through `.data` (no version bump) all decode like PyTorch."""
+    made = _recorded(monkeypatch)
+    m, cfg = _model(2, None, torch.bfloat16)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 4))
+    cache = KVCache.for_model(m, 1, 8)  # one cache throughout: its graph stays valid while the model does
+
+    def agree(native: torch.Tensor) -> None:
+        torch.testing.assert_close(native, _decode(m, cfg, prompt, 3, native=False), rtol=3e-2, atol=3e-2)
+
+    agree(_decode(m, cfg, prompt, 3, native=True, cache=cache))
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(-2)
+        m.model.layers[0].post_attention_layernorm.weight.data.mul_(3)
+    agree(_decode(m, cfg, prompt, 3, native=True, cache=cache))
+    assert len(made) == 1
+    attn = m.model.layers[1].self_attn
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Linear) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * self.inner(x)
+
+    attn.o_proj = Wrapped(attn.o_proj)
+    agree(_decode(m, cfg, prompt, 3, native=True, cache=cache))
+    assert len(made) == 2  # tried once more, and not servable: the layer-by-layer path
+    attn.o_proj = attn.o_proj.inner
+    handle = m.model.layers[1].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5, *args[1:]))
+    try:
+        agree(_decode(m, cfg, prompt, 3, native=True, cache=cache))
+    finally:
+        handle.remove()
+    agree(_decode(m, cfg, prompt, 3, native=True, cache=cache))
+    assert len(made) == 3
 
 
 def test_engine_decodes_on_the_ops_like_pytorch(count_steps: list) -> None:

@@ -15,11 +15,13 @@ Parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `l
 transformers state dict loads with no renaming. Generation (tianying.engine) gives the model positions and
 rows of one preallocated `KVCache`; the model only calls the cache's step protocol (`begin`/`update`/`end`,
 and `rows_for_ops` for a decode step on the native CPU ops of tianying.ops, which each layer calls in place of
-its PyTorch ops when they serve its weights).
+its PyTorch ops when they serve its weights). When they serve every layer and the head, the step's op calls
+are recorded once per batch shape and KV-cache rows (`DecodeGraph`) and replayed by one C call afterwards.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -329,10 +331,11 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, qscale)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode_with_ops(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        rows: tuple) -> torch.Tensor | None:
+    def decode_with_ops(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: tuple,
+                        run=ops) -> torch.Tensor | None:  # noqa: ANN001 - the ops module or an ops.Graph
         """This block's decode step on `tianying.ops` (x fp32 [B, D], cos / signed sin fp32 [B or 1, head_dim]),
-        the same formulas as `forward`; None when an op does not serve one of its weights."""
+        the same formulas as `forward`, called now (`run` = tianying.ops) or recorded (an `ops.Graph`); None
+        when an op does not serve one of its weights."""
         a, m = self.self_attn, self.mlp
         am, mm = a._modules, m._modules  # (nn.Module.__getattr__ costs more than the rest of a lookup)
         q, k, v, o = (op_weight(am[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -341,12 +344,12 @@ class Block(nn.Module):
             return None
         n1, n2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
         w1, w2 = n1._parameters["weight"], n2._parameters["weight"]
-        qkv = ops.linear(x, q, k, v, norm=w1 if w1.dtype is torch.float32 else w1.float(), eps=n1.eps)
-        x = ops.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
+        qkv = run.linear(x, q, k, v, norm=w1 if w1.dtype in ops.NORM_DTYPES else w1.float(), eps=n1.eps)
+        x = run.attend_decode(qkv, (a.n_head, a.n_kv_head, a.head_dim), (q.width, q.width + k.width), cos, sin,
                               rows[0], rows[1], a.layer_idx, rows[2], o=o, add=x)
         if x.shape[1] != o.N:
             x = x[:, :o.N]
-        y = ops.mlp(x, g, u, d, w2 if w2.dtype is torch.float32 else w2.float(), n2.eps, add=x)
+        y = run.mlp(x, g, u, d, w2 if w2.dtype in ops.NORM_DTYPES else w2.float(), n2.eps, add=x)
         return y if d.width == d.N else y[:, :d.N]
 
 
@@ -357,6 +360,119 @@ def op_weight(m: nn.Module) -> ops.Weight | None:
         return ops.dense_weight_of(m) if m._parameters["bias"] is None else None
     f = getattr(m, "native_weight", None)
     return f() if f is not None else None
+
+
+# ------------------------------------------------------------------ decode graphs
+_EPOCH = [0]  # bumped whenever any module gains or replaces a submodule, parameter or buffer
+_GRAPH_OWNERS: weakref.WeakSet = weakref.WeakSet()  # models holding decode graphs (dropped at each bump)
+_HOOKED = [False]
+
+
+def _structure_changed(*_args) -> None:  # noqa: ANN002 - a global registration hook (must return None)
+    _EPOCH[0] += 1
+    for m in list(_GRAPH_OWNERS):
+        m._decode_graphs.clear()  # (releases the replaced tensors now, not at the next decode step)
+    _GRAPH_OWNERS.clear()
+
+
+def _watch_structure() -> None:
+    if not _HOOKED[0]:
+        from torch.nn.modules import module as mm
+        mm.register_module_module_registration_hook(_structure_changed)
+        mm.register_module_parameter_registration_hook(_structure_changed)
+        mm.register_module_buffer_registration_hook(_structure_changed)
+        _HOOKED[0] = True
+
+
+class DecodeGraph:
+    """A decode step of one model (every layer's `decode_with_ops`, then the head) recorded into an `ops.Graph`
+    for one batch size and one set of KV-cache rows, and replayed with new inputs: the Python of ~100 op calls
+    per step, their argument checks and their OpenMP fork/joins become one C call.
+
+    It is replayed only while what it read is unchanged: the model's structure (a module, parameter or buffer
+    registered anywhere drops every graph: `_structure_changed`), each parameter's and buffer's address
+    (`.data` swaps, `.to()`; and the version of the few it copies), no forward hooks on the
+    blocks (they would not run), and the same cache rows at the same addresses (`DecodeGraphs.get`). The graph
+    reads the weights in place, so in-place updates (an optimizer step between generations) need no new one."""
+
+    def __init__(self, model: Transformer, rows: tuple) -> None:
+        cfg = model.config
+        B, hd = rows[0].shape[1], cfg.head_dim
+        self.x = torch.empty(B, cfg.hidden_size)
+        self.cos, self.sin = torch.empty(B, hd), torch.empty(B, hd)
+        self.pos = torch.empty(B, dtype=torch.int64)
+        self.graph = ops.Graph()
+        g_rows = (rows[0], rows[1], self.pos)
+        x = self.x
+        for layer in model.model.layers:
+            x = layer.decode_with_ops(x, self.cos, self.sin, g_rows, run=self.graph)
+            if x is None:
+                raise LookupError("a layer the ops do not serve")
+        self.out = model._head_with_ops(x, run=self.graph)
+        if self.out is None:
+            raise LookupError("a head the ops do not serve")
+        self.tensors = [*model.parameters(), *model.buffers()]
+        self.state = self._state(self.tensors)
+        self.epoch = _EPOCH[0]
+
+    @staticmethod
+    def _state(tensors: list) -> tuple:
+        """Every tensor's address, and the version of those the graph copied (fp16 norms widened to fp32; all
+        else, the weights and fp32/bf16 norms, it reads in place)."""
+        return (*map(torch.Tensor.data_ptr, tensors), *(t._version for t in tensors if t.dtype is torch.float16))
+
+    @staticmethod
+    def state_of(model: Transformer) -> tuple:
+        return DecodeGraph._state([*model.parameters(), *model.buffers()])
+
+    def valid(self, model: Transformer) -> bool:  # (the hooks are checked by DecodeGraphs.get)
+        return self.epoch == _EPOCH[0] and self._state(self.tensors) == self.state
+
+    def replay(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.cos.copy_(cos.expand_as(self.cos))
+        self.sin.copy_(sin.expand_as(self.sin))
+        self.pos.copy_(pos)
+        self.graph.run()
+        return self.out.clone()  # (the buffer is the next replay's)
+
+
+class DecodeGraphs(dict):
+    """A model's decode graphs by batch size and cache rows (a few: each batch size the engine steps with)."""
+
+    MAX = 8
+
+    def get(self, model: Transformer, rows: tuple) -> DecodeGraph | None:
+        k, v = rows[0], rows[1]
+        if (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+                or any(b._forward_pre_hooks or b._forward_hooks for b in model.model.layers)):
+            return None
+        key = (k.data_ptr(), v.data_ptr(), k.shape, k.stride(), k.dtype)
+        g = super().get(key)
+        if isinstance(g, DecodeGraph):
+            if g.valid(model):
+                return g
+            del self[key]
+        elif g is not None:  # tried with these weights, and a layer or the head is not one the ops serve
+            if g == (_EPOCH[0], DecodeGraph.state_of(model)):
+                return None
+            del self[key]
+        _watch_structure()
+        try:
+            g = DecodeGraph(model, rows)
+        except (LookupError, ValueError):
+            g = None
+        if len(self) >= self.MAX:
+            del self[next(iter(self))]
+        self[key] = g if g is not None else (_EPOCH[0], DecodeGraph.state_of(model))
+        _GRAPH_OWNERS.add(model)
+        return g
+
+    def __deepcopy__(self, memo: dict) -> DecodeGraphs:  # (a copy records its own)
+        return DecodeGraphs()
+
+    def __reduce__(self) -> tuple:
+        return (DecodeGraphs, ())
 
 
 class Decoder(nn.Module):
@@ -379,6 +495,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.native_ops = True  # decode steps on tianying.ops where they serve the weights (False: PyTorch only)
+        self._decode_graphs = DecodeGraphs()
         self._rope_table: tuple | None = None  # (len, device, dtype, cos, sin) for unscaled/linear RoPE
 
     @property
@@ -470,10 +587,15 @@ class Transformer(nn.Module):
         if rows is not None:  # a decode step on tianying.ops: fp32 activations [B, D] throughout
             cos, sin = rotation_tables(*self.rope(positions, start, T, torch.float32, device))
             x, cos, sin = x[:, 0].float(), cos[:, 0, 0], sin[:, 0, 0]
-            for layer in self.model.layers:
-                x = layer(x, cos, sin, mask, is_causal, step, None, rows)
+            graph = self._decode_graphs.get(self, rows)
+            if graph is not None:
+                logits = graph.replay(x, cos, sin, rows[2])
+            else:  # layer by layer (a layer the ops do not serve runs in PyTorch)
+                for layer in self.model.layers:
+                    x = layer(x, cos, sin, mask, is_causal, step, None, rows)
+                logits = self._head_with_ops(x)
             cache.end(step)
-            return self._head_with_ops(x)[:, None]
+            return logits[:, None]
         if x.dtype != self.compute_dtype:  # embeddings stored narrower than the compute dtype
             x = x.to(self.compute_dtype)
         cos, sin = rotation_tables(*self.rope(positions, start, T, x.dtype, device))
@@ -491,12 +613,14 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 
-    def _head_with_ops(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] of fp32 hidden states [B, D] (final RMSNorm fused into the head's product)."""
+    def _head_with_ops(self, x: torch.Tensor, run=ops) -> torch.Tensor | None:  # noqa: ANN001 - see decode_with_ops
+        """Logits [B, V] of fp32 hidden states [B, D] (final RMSNorm fused into the head's product); recorded
+        into `run` when it is an `ops.Graph` (None there when the ops do not serve the head)."""
         norm, w = self.model.norm, op_weight(self.lm_head)
         if w is None:
-            return self.lm_head(norm(x.to(self.compute_dtype)))
-        return ops.linear(x, w, norm=norm.weight.float(), eps=norm.eps)[:, :self.config.vocab_size]
+            return None if run is not ops else self.lm_head(norm(x.to(self.compute_dtype)))
+        nw = norm.weight if norm.weight.dtype in ops.NORM_DTYPES else norm.weight.float()
+        return run.linear(x, w, norm=nw, eps=norm.eps)[:, :self.config.vocab_size]
 
     def _plain_mask(self, pad_mask: torch.Tensor | None, T: int, device: torch.device,
                     doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:

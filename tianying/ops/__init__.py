@@ -133,13 +133,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.ty_gemm_i4.argtypes = [_P, _L, _L, _L, _P, _L, _P, _P, _L, _P, _L, _I]
     lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
-    pp = ctypes.POINTER(Proj)
-    lib.ty_linear.argtypes = [_P, _L, _L, _I, _P, ctypes.c_float, _L, pp, pp, pp, _P, _L, _P, _L, _I]
-    lib.ty_attend_decode.argtypes = [_P, _L, _L, _L, _L, _L, _L, _L, _P, _P, _L, _P, _P, _L, _L, _I, _P, _P, pp, _P,
-                                     _L, _P, _L, _I]
-    lib.ty_mlp.argtypes = [_P, _L, _L, _P, ctypes.c_float, pp, pp, pp, _P, _L, _P, _L, _I]
-    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_linear,
-              lib.ty_attend_decode, lib.ty_mlp):
+    lib.ty_run.argtypes = [_P, _L, _I]
+    for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_run):
         f.restype = None
     return lib
 
@@ -162,6 +157,7 @@ def available() -> bool:
 
 
 KF32, KBF16, KF16, KI8, KI4 = range(5)  # cpu.cpp's weight kinds
+NORM_DTYPES = (torch.float32, torch.bfloat16)  # RMSNorm weights the ops read in place
 DENSE_KINDS = {torch.float32: KF32, torch.bfloat16: KBF16, torch.float16: KF16}
 
 
@@ -170,6 +166,19 @@ class Proj(ctypes.Structure):
 
     _fields_ = [("w", _P), ("s", _P), ("o", _P), ("z", _P), ("N", _L), ("N8", _L), ("K", _L), ("kb", _L), ("G", _L),
                 ("kind", _I), ("perm", _P)]
+
+
+OP_LINEAR, OP_ATTEND, OP_MLP = range(3)
+
+
+class Op(ctypes.Structure):
+    """cpu.cpp's `Op`: one operation of a step with the addresses of its operands (see `linear`,
+    `attend_decode`, `mlp` for what each kind reads)."""
+
+    _fields_ = [("kind", _I), ("pre", _I), ("nbf16", _I), ("eps", ctypes.c_float), ("x", _P), ("M", _L), ("ldx", _L),
+                ("norm", _P), ("goff", _L), ("voff", _L), ("p", ctypes.POINTER(Proj) * 3), ("y", _P), ("ldy", _L),
+                ("add", _P), ("ldadd", _L), ("H", _L), ("KVH", _L), ("HD", _L), ("cos", _P), ("sin", _P),
+                ("ldcs", _L), ("kc", _P), ("vc", _P), ("rs", _L), ("L", _L), ("pos", _P)]
 
 
 # ------------------------------------------------------------------------------------------ operands
@@ -272,11 +281,11 @@ class Weight:
     def __init__(self, proj: Proj, tensors: tuple, N: int, width: int, ref: weakref.ref | None = None) -> None:
         self.proj, self.tensors, self.N, self.width, self.ref = proj, tensors, N, width, ref
 
-    def live(self) -> Proj:
-        """A reference to the operand for a C call; refused once the tensor it reads in place is gone."""
+    def live(self) -> ctypes._Pointer:
+        """A pointer to the operand for an `Op`; refused once the tensor it reads in place is gone."""
         if self.ref is not None and self.ref() is None:
             raise ValueError("ops: the weight tensor of this operand no longer exists")
-        return ctypes.byref(self.proj)
+        return ctypes.pointer(self.proj)
 
     # a copy or pickle of a module holding one gets nothing: it makes its own from its own tensors
     def __deepcopy__(self, memo: dict) -> None:
@@ -328,15 +337,12 @@ def quant_weight(qweight: torch.Tensor, ops: tuple, int8: bool, K: int, perm: to
     return Weight(proj, (qweight, s, oz, perm), N, N8)
 
 
-def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | None = None, *,
-           norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: int = 0,
-           add: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, Σ width] fp32 = pre(x) · [W0; W1; W2]ᵀ (+ add), each weight's outputs in its own columns
-    (`Weight.width` of them, the first `Weight.N` valid).
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
-    x fp32 [M, ·] with unit column stride. pre: none ([M, K]), `norm` (RMSNorm with that weight, fp32 [K],
-    and `eps`), or `swiglu` > 0 (x = [gate | up], up from that column on: silu(gate) · up is the input).
-    `add` fp32 [M, N]: the residual, added to W0's outputs (with W0 alone)."""
+
+def _linear_op(x: torch.Tensor, w0: Weight, w1: Weight | None, w2: Weight | None, norm: torch.Tensor | None,
+               eps: float, swiglu: int, add: torch.Tensor | None) -> tuple[Op, torch.Tensor, tuple]:
     M, K = x.shape[0], w0.proj.K
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         raise ValueError("linear: x must be fp32 with unit column stride")
@@ -346,28 +352,88 @@ def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | N
             raise ValueError(f"linear: a swiglu input needs gate and up columns of {K}, got {x.shape[1]}")
     elif norm is not None:
         pre = 1
-        if x.shape[1] < K or norm.dtype != torch.float32:
-            raise ValueError("linear: norm needs fp32 weights and K input columns")
+        if x.shape[1] < K or norm.dtype not in NORM_DTYPES or norm.shape != (K,) or not norm.is_contiguous():
+            raise ValueError("linear: norm needs fp32 or bf16 weights [K] and K input columns")
     else:
         pre = 0
         if x.shape[1] != K or not x.is_contiguous():
             x = x[:, :K].contiguous()
-    ldy = w0.width
-    p1 = p2 = None
-    if w1 is not None:
-        ldy += w1.width
-        p1 = w1.live()
-        if w2 is not None:
-            ldy += w2.width
-            p2 = w2.live()
+    ws = [w for w in (w0, w1, w2) if w is not None]
+    if w2 is not None and w1 is None:
+        raise ValueError("linear: w2 needs w1")
     if add is not None and (w1 is not None or add.dtype != torch.float32 or add.stride(-1) != 1):
         raise ValueError("linear: add needs one weight and an fp32 tensor with unit column stride")
+    ldy = sum(w.width for w in ws)
     y = torch.empty(M, ldy, dtype=torch.float32)
-    (_LIB or _load()).ty_linear(x.data_ptr(), M, x.stride(0), pre, None if norm is None else norm.data_ptr(), eps,
-                                swiglu, w0.live(), p1, p2, y.data_ptr(), ldy,
-                                None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
-                                torch.get_num_threads())
-    return y
+    op = Op(kind=OP_LINEAR, pre=pre, nbf16=int(norm is not None and norm.dtype is torch.bfloat16), eps=eps,
+            x=x.data_ptr(), M=M, ldx=x.stride(0), norm=_ptr(norm), goff=swiglu,
+            y=y.data_ptr(), ldy=ldy, add=_ptr(add), ldadd=0 if add is None else add.stride(0))
+    for i, w in enumerate(ws):
+        op.p[i] = w.live()
+    return op, y, (x, norm, add, *ws)
+
+
+def _attend_op(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple[int, int], cos: torch.Tensor,
+               sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: int, pos: torch.Tensor,
+               o: Weight | None, add: torch.Tensor | None) -> tuple[Op, torch.Tensor, tuple]:
+    H, KVH, HD = heads
+    M = qkv.shape[0]
+    st = keys.stride()
+    if (keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype is not keys.dtype or st[4] != 1
+            or st[3] != HD or st[2] != keys.shape[3] * HD or values.stride() != st or pos.dtype is not torch.int64
+            or not pos.is_contiguous() or pos.shape[0] != M or cos.dtype is not torch.float32
+            or sin.dtype is not torch.float32 or cos.stride(-1) != 1 or sin.stride(-1) != 1 or sin.shape != cos.shape
+            or cos.shape[0] > 1 and sin.stride(0) != cos.stride(0) or qkv.dtype is not torch.float32
+            or qkv.stride(1) != 1 or keys.shape[1] != M or o is not None and o.proj.K != H * HD
+            or o is None and add is not None):
+        raise ValueError("attend_decode: unsupported operand layout")
+    if add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < o.N):
+        raise ValueError("attend_decode: add must be fp32 [M, N] with unit column stride")
+    ldy = H * HD if o is None else o.width
+    y = torch.empty(M, ldy, dtype=torch.float32)
+    off = layer * st[0] * keys.element_size()
+    op = Op(kind=OP_ATTEND, pre=int(keys.dtype is torch.bfloat16), x=qkv.data_ptr(), M=M, ldx=qkv.stride(0),
+            goff=offsets[0], voff=offsets[1], y=y.data_ptr(), ldy=ldy, add=_ptr(add),
+            ldadd=0 if add is None else add.stride(0), H=H, KVH=KVH, HD=HD, cos=cos.data_ptr(), sin=sin.data_ptr(),
+            ldcs=0 if cos.shape[0] == 1 else cos.stride(0), kc=keys.data_ptr() + off,
+            vc=values.data_ptr() + off, rs=st[1], L=keys.shape[3], pos=pos.data_ptr())
+    if o is not None:
+        op.p[0] = o.live()
+    return op, y, (qkv, cos, sin, pos, add, o)  # (not the cache rows: see Graph)
+
+
+def _mlp_op(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, norm: torch.Tensor, eps: float,
+            add: torch.Tensor | None) -> tuple[Op, torch.Tensor, tuple]:
+    K = gate.proj.K
+    if (x.dtype is not torch.float32 or x.stride(1) != 1 or x.shape[1] < K or up.proj.K != K
+            or norm.dtype not in NORM_DTYPES or norm.shape != (K,) or not norm.is_contiguous()
+            or down.proj.K != gate.N or up.N != gate.N
+            or add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < down.N)):
+        raise ValueError("mlp: unsupported operand layout")
+    M = x.shape[0]
+    y = torch.empty(M, down.width, dtype=torch.float32)
+    op = Op(kind=OP_MLP, nbf16=int(norm.dtype is torch.bfloat16), eps=eps, x=x.data_ptr(), M=M, ldx=x.stride(0),
+            norm=norm.data_ptr(), y=y.data_ptr(),
+            ldy=down.width, add=_ptr(add), ldadd=0 if add is None else add.stride(0))
+    op.p[0], op.p[1], op.p[2] = gate.live(), up.live(), down.live()
+    return op, y, (x, norm, add, gate, up, down)
+
+
+def _run_now(built: tuple) -> torch.Tensor:
+    (_LIB or _load()).ty_run(ctypes.byref(built[0]), 1, torch.get_num_threads())
+    return built[1]
+
+
+def linear(x: torch.Tensor, w0: Weight, w1: Weight | None = None, w2: Weight | None = None, *,
+           norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: int = 0,
+           add: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, Σ width] fp32 = pre(x) · [W0; W1; W2]ᵀ (+ add), each weight's outputs in its own columns
+    (`Weight.width` of them, the first `Weight.N` valid).
+
+    x fp32 [M, ·] with unit column stride. pre: none ([M, K]), `norm` (RMSNorm with that weight, fp32 or
+    bf16 [K], and `eps`), or `swiglu` > 0 (x = [gate | up], up from that column on: silu(gate) · up is the input).
+    `add` fp32 [M, N]: the residual, added to W0's outputs (with W0 alone)."""
+    return _run_now(_linear_op(x, w0, w1, w2, norm, eps, swiglu, add))
 
 
 def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple[int, int], cos: torch.Tensor,
@@ -381,48 +447,62 @@ def attend_decode(qkv: torch.Tensor, heads: tuple[int, int, int], offsets: tuple
     (`rope.rotation_tables`). keys/values [n_layer, M, KVH, L, HD] fp32 or bf16 (each row's slots contiguous;
     rows may be a slice of a larger cache): in `layer`, row m's rotated key and value are written at slot
     pos[m] and its heads attend to slots 0..pos[m] (GQA: H / KVH consecutive query heads per KV head)."""
-    H, KVH, HD = heads
-    M = qkv.shape[0]
-    st = keys.stride()
-    if (keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype is not keys.dtype or st[4] != 1
-            or st[3] != HD or st[2] != keys.shape[3] * HD or values.stride() != st or pos.dtype is not torch.int64
-            or cos.dtype is not torch.float32 or qkv.stride(1) != 1 or keys.shape[1] != M
-            or o is not None and o.proj.K != H * HD):
-        raise ValueError("attend_decode: unsupported operand layout")
-    out = torch.empty(M, H * HD, dtype=torch.float32)
-    y = ldy = None
-    if o is not None:
-        ldy = o.width
-        y = torch.empty(M, ldy, dtype=torch.float32)
-        if add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < o.N):
-            raise ValueError("attend_decode: add must be fp32 [M, N] with unit column stride")
-    off = layer * st[0] * keys.element_size()
-    (_LIB or _load()).ty_attend_decode(
-        qkv.data_ptr(), M, qkv.stride(0), offsets[0], offsets[1], H, KVH, HD, cos.data_ptr(), sin.data_ptr(),
-        0 if cos.shape[0] == 1 else cos.stride(0), keys.data_ptr() + off, values.data_ptr() + off, st[1],
-        keys.shape[3], int(keys.dtype is torch.bfloat16), pos.data_ptr(), out.data_ptr(),
-        None if o is None else o.live(), None if y is None else y.data_ptr(), ldy or 0,
-        None if add is None or o is None else add.data_ptr(), 0 if add is None else add.stride(0),
-        torch.get_num_threads())
-    return out if y is None else y
+    return _run_now(_attend_op(qkv, heads, offsets, cos, sin, keys, values, layer, pos, o, add))
 
 
 def mlp(x: torch.Tensor, gate: Weight, up: Weight, down: Weight, norm: torch.Tensor, eps: float,
         add: torch.Tensor | None = None) -> torch.Tensor:
     """A block's MLP → [M, down.width] fp32: add + (silu(h·Gᵀ) · h·Uᵀ)·Dᵀ with h = RMSNorm(x) (weight `norm`
-    fp32 [K], `eps`), x and add fp32 [M, K] with unit column stride, in one parallel region."""
-    K = gate.proj.K
-    if (x.dtype is not torch.float32 or x.stride(1) != 1 or x.shape[1] < K or up.proj.K != K or norm.dtype
-            is not torch.float32 or down.proj.K != gate.N or up.N != gate.N
-            or add is not None and (add.dtype is not torch.float32 or add.stride(1) != 1 or add.shape[1] < down.N)):
-        raise ValueError("mlp: unsupported operand layout")
-    M = x.shape[0]
-    y = torch.empty(M, down.width, dtype=torch.float32)
-    (_LIB or _load()).ty_mlp(x.data_ptr(), M, x.stride(0), norm.data_ptr(), eps, gate.live(), up.live(),
-                             down.live(), y.data_ptr(), down.width,
-                             None if add is None else add.data_ptr(), 0 if add is None else add.stride(0),
-                             torch.get_num_threads())
-    return y
+    fp32 or bf16 [K], `eps`), x and add fp32 [M, K] with unit column stride, in one parallel region."""
+    return _run_now(_mlp_op(x, gate, up, down, norm, eps, add))
+
+
+class Graph:
+    """A sequence of the ops above recorded once and replayed by one C call, as a CUDA graph replays kernels.
+
+    Recording calls `linear` / `attend_decode` / `mlp` here with the same arguments as the functions of this
+    module: each returns its output tensor (allocated once, unfilled) and remembers the op; `run()` then
+    computes them all in order in one OpenMP parallel region, reading the addresses that the recorded tensors
+    have. A caller replays it by writing new values into the recorded input tensors (`copy_`) and reading the
+    recorded outputs after `run()`. The graph keeps every recorded tensor and weight operand alive except the
+    KV-cache rows, which belong to their cache: a caller replays it only while the rows it was recorded with
+    are the current ones at the same addresses, and drops it when a weight it read is replaced (tianying.model's
+    `DecodeGraph` does both)."""
+
+    def __init__(self) -> None:
+        self._ops: list[Op] = []
+        self._keep: list = []
+        self._array = None
+
+    def _add(self, built: tuple) -> torch.Tensor:
+        self._ops.append(built[0])
+        self._keep.append(built[2])
+        self._array = None
+        return built[1]
+
+    def linear(self, x, w0, w1=None, w2=None, *, norm=None, eps=0.0, swiglu=0, add=None):  # noqa: ANN001, ANN201
+        return self._add(_linear_op(x, w0, w1, w2, norm, eps, swiglu, add))
+
+    def attend_decode(self, qkv, heads, offsets, cos, sin, keys, values, layer, pos, *, o=None,  # noqa: ANN001, ANN201
+                      add=None):
+        return self._add(_attend_op(qkv, heads, offsets, cos, sin, keys, values, layer, pos, o, add))
+
+    def mlp(self, x, gate, up, down, norm, eps, add=None):  # noqa: ANN001, ANN201
+        return self._add(_mlp_op(x, gate, up, down, norm, eps, add))
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def run(self) -> None:
+        if self._array is None:
+            self._array = (Op * len(self._ops))(*self._ops)
+        (_LIB or _load()).ty_run(self._array, len(self._ops), torch.get_num_threads())
+
+    def __deepcopy__(self, memo: dict) -> None:  # (a copied model records its own)
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_nothing, ())
 
 
 @functools.cache

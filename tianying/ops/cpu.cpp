@@ -465,17 +465,6 @@ void dense_region(const float* x, long ldx, long M, const Proj& p, float* y, lon
 }
 
 // ------------------------------------------------------------------------------------------ around them
-// out[m] = x[m] · rsqrt(eps + Σ x[m]² / K) · w (the model's RMSNorm, in fp32)
-void rmsnorm(const float* x, long ldx, const float* w, float eps, float* out, long M, long K) {
-    for (long m = 0; m < M; m++) {
-        const float* xm = x + m * ldx;
-        float ss = 0.f;
-        for (long d = 0; d < K; d++) ss += xm[d] * xm[d];
-        const float r = 1.f / std::sqrt(eps + ss * (1.f / (float)K));
-        for (long d = 0; d < K; d++) out[m * K + d] = w[d] * (xm[d] * r);
-    }
-}
-
 // out[m, f] = silu(x[m, f]) · x[m, goff + f] (gate and up side by side in one row)
 void swiglu(const float* x, long ldx, long goff, float* out, long M, long F) {
     for (long m = 0; m < M; m++)
@@ -516,6 +505,20 @@ inline long width(const Proj& p) { return p.kind >= KI8 ? p.N8 : p.N; }
 
 inline float load_c(const float* p) { return *p; }
 inline float load_c(const uint16_t* p) { return bf16_to_float(*p); }
+
+// out[m] = x[m] · rsqrt(eps + Σ x[m]² / K) · w (the model's RMSNorm, in fp32; w fp32, or bf16 when wbf16)
+void rmsnorm(const float* x, long ldx, const void* w, int wbf16, float eps, float* out, long M, long K) {
+    for (long m = 0; m < M; m++) {
+        const float* xm = x + m * ldx;
+        float ss = 0.f;
+        for (long d = 0; d < K; d++) ss += xm[d] * xm[d];
+        const float r = 1.f / std::sqrt(eps + ss * (1.f / (float)K));
+        for (long d = 0; d < K; d++) {
+            const float wd = wbf16 ? load_c(static_cast<const uint16_t*>(w) + d) : static_cast<const float*>(w)[d];
+            out[m * K + d] = wd * (xm[d] * r);
+        }
+    }
+}
 inline void store_c(float* p, float v) { *p = v; }
 inline void store_c(uint16_t* p, float v) {  // fp32 → bf16, round to nearest even (as torch's .to(bfloat16))
     uint32_t b;
@@ -559,60 +562,117 @@ inline void axpy_c(float w, const C* v, float* o, long HD) {
     for (; e < HD; e++) o[e] += w * load_c(v + e);
 }
 
-// One new token per row m: RoPE (rotate-half, signed sin) on its q and k heads in qkv, k and v written at slot
-// pos[m] of its cache row ([KVH, L, HD] at kc + m · rs), then every query head attends to slots 0..pos[m] of
-// its KV head (GQA: consecutive query heads share one).
+// One step operation (ops/__init__.py's `Op`, one layout for all kinds; a kind reads only its own fields).
+enum { OP_LINEAR = 0, OP_ATTEND = 1, OP_MLP = 2 };
+struct Op {
+    int kind;
+    int pre;          // linear: 0 none, 1 RMSNorm (weight norm, eps), 2 SwiGLU (up from column goff); attend: bf16 cache
+    int nbf16;        // the RMSNorm weight is bf16 (else fp32)
+    float eps;
+    float* x;         // input rows, row stride ldx (attend: qkv, its q and k heads rotated in place)
+    long M, ldx;
+    const void* norm;
+    long goff, voff;  // linear: SwiGLU's up column; attend: the keys' and values' first columns in qkv
+    const Proj* p[3];  // linear: W0..W2; mlp: gate, up, down; attend: the output projection or null
+    float* y;         // output [M, ldy] (attend without a projection: [M, H·HD])
+    long ldy;
+    const float* add;  // residual [M, ldadd] added to the (first) projection's N outputs, or null
+    long ldadd;
+    long H, KVH, HD;  // attend: query heads, KV heads, head width
+    const float* cos;  // cos / signed sin [M or 1, HD], row stride ldcs (0: one row for all)
+    const float* sin;
+    long ldcs;
+    void* kc;         // this layer's key / value cache rows: row m at kc + m·rs, [KVH, L, HD]
+    void* vc;
+    long rs, L;
+    const long* pos;  // each row's write slot (= its length before this token)
+};
+
+// Scratch floats an op needs (shared by the threads; ops run one after the other, so they reuse it).
+long scratch_of(const Op& op) {
+    if (op.kind == OP_LINEAR) return op.pre ? op.M * op.p[0]->K : 0;
+    if (op.kind == OP_MLP) return op.M * (op.p[0]->K + width(*op.p[0]) + width(*op.p[1]) + op.p[2]->K);
+    return op.p[0] ? op.M * op.H * op.HD : 0;
+}
+
+// The bodies below are run by every thread of ty_run's parallel region; each ends with a barrier (the implicit
+// one of its last `omp for` / `single`), so the next op sees all of its outputs.
+void linear_body(const Op& op, float* h, Act& act) {
+    const long K = op.p[0]->K;
+    const float* xin = op.x;
+    long ld = op.ldx;
+    if (op.pre) {
+#pragma omp single
+        {
+            if (op.pre == 1) rmsnorm(op.x, op.ldx, op.norm, op.nbf16, op.eps, h, op.M, K);
+            else swiglu(op.x, op.ldx, op.goff, h, op.M, K);
+        }
+        xin = h;
+        ld = K;
+    }
+    products(xin, ld, op.M, op.p, op.p[2] ? 3 : op.p[1] ? 2 : 1, op.y, op.ldy, op.add, op.ldadd, act);
+}
+
+// A block's MLP: y = add + (silu(h·Gᵀ) · h·Uᵀ) · Dᵀ with h = RMSNorm(x).
+void mlp_body(const Op& op, float* scratch, Act& act) {
+    const Proj *g = op.p[0], *u = op.p[1], *d = op.p[2];
+    const long M = op.M, K = g->K, F = d->K, wgu = width(*g) + width(*u);
+    float *h = scratch, *gu = h + M * K, *a = gu + M * wgu;
+#pragma omp single
+    rmsnorm(op.x, op.ldx, op.norm, op.nbf16, op.eps, h, M, K);
+    products(h, K, M, op.p, 2, gu, wgu, nullptr, 0, act);
+#pragma omp single
+    swiglu(gu, wgu, width(*g), a, M, F);
+    products(a, F, M, &op.p[2], 1, op.y, op.ldy, op.add, op.ldadd, act);
+}
+
+// One new token per row m: RoPE (rotate-half, signed sin) on its q and k heads, k and v written at slot pos[m]
+// of its cache row, then every query head attends to slots 0..pos[m] of its KV head (GQA: consecutive query
+// heads share one) → out [M, H·HD]. tmp, p: this thread's [HD] and [longest row] temporaries.
 template <typename C>
-void attend(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD, const float* cos,
-            const float* sin, long ldcs, C* kc, C* vc, long rs, long L, const long* pos, float* out, const Proj* o,
-            float* y, long ldy, const float* add, long ldadd, int nt) {
-    Act act;
-    const long half = HD / 2, rep = H / KVH;
+void attend_body(const Op& op, float* out, std::vector<float>& tmp, std::vector<float>& p) {
+    const long M = op.M, ldq = op.ldx, H = op.H, KVH = op.KVH, HD = op.HD, half = HD / 2, rep = H / KVH;
     const float scale = 1.f / std::sqrt((float)HD);
-    long maxlen = 0;
-    for (long m = 0; m < M; m++) maxlen = std::max(maxlen, pos[m] + 1);
-#pragma omp parallel num_threads(nt)
-    {
-        std::vector<float> tmp(HD), p(maxlen);
+    float* qkv = op.x;
+    C* kc = static_cast<C*>(op.kc);
+    C* vc = static_cast<C*>(op.vc);
 #pragma omp for schedule(static)
-        for (long mh = 0; mh < M * (H + KVH); mh++) {
-            const long m = mh / (H + KVH), h = mh % (H + KVH);
-            float* t = h < H ? qkv + m * ldq + h * HD : qkv + m * ldq + koff + (h - H) * HD;
-            const float* cm = cos + m * ldcs;
-            const float* sm = sin + m * ldcs;
-            for (long d = 0; d < HD; d++) tmp[d] = t[d];
-            for (long d = 0; d < half; d++) t[d] = tmp[d] * cm[d] + tmp[d + half] * sm[d];  // (no % in the loop)
-            for (long d = half; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[d - half] * sm[d];
-            if (h >= H) {  // store the rotated key and its value
-                const long g = h - H;
-                C* kd = kc + m * rs + (g * L + pos[m]) * HD;
-                C* vd = vc + m * rs + (g * L + pos[m]) * HD;
-                const float* vs = qkv + m * ldq + voff + g * HD;
-                for (long d = 0; d < HD; d++) store_c(kd + d, t[d]), store_c(vd + d, vs[d]);
-            }
+    for (long mh = 0; mh < M * (H + KVH); mh++) {
+        const long m = mh / (H + KVH), h = mh % (H + KVH);
+        float* t = h < H ? qkv + m * ldq + h * HD : qkv + m * ldq + op.goff + (h - H) * HD;
+        const float* cm = op.cos + m * op.ldcs;
+        const float* sm = op.sin + m * op.ldcs;
+        for (long d = 0; d < HD; d++) tmp[d] = t[d];
+        for (long d = 0; d < half; d++) t[d] = tmp[d] * cm[d] + tmp[d + half] * sm[d];  // (no % in the loop)
+        for (long d = half; d < HD; d++) t[d] = tmp[d] * cm[d] + tmp[d - half] * sm[d];
+        if (h >= H) {  // store the rotated key and its value
+            const long g = h - H;
+            C* kd = kc + m * op.rs + (g * op.L + op.pos[m]) * HD;
+            C* vd = vc + m * op.rs + (g * op.L + op.pos[m]) * HD;
+            const float* vs = qkv + m * ldq + op.voff + g * HD;
+            for (long d = 0; d < HD; d++) store_c(kd + d, t[d]), store_c(vd + d, vs[d]);
         }
+    }
 #pragma omp for schedule(static)
-        for (long mh = 0; mh < M * H; mh++) {
-            const long m = mh / H, h = mh % H, g = h / rep, S = pos[m] + 1;
-            const float* qh = qkv + m * ldq + h * HD;
-            const C* kh = kc + m * rs + g * L * HD;
-            const C* vh = vc + m * rs + g * L * HD;
-            float mx = -INFINITY;
-            for (long j = 0; j < S; j++) {
-                p[j] = dot_c(qh, kh + j * HD, HD) * scale;
-                mx = std::max(mx, p[j]);
-            }
-            float den = 0.f;
-            for (long j = 0; j < S; j++) {
-                p[j] = std::exp(p[j] - mx);
-                den += p[j];
-            }
-            float* o = out + m * H * HD + h * HD;
-            for (long e = 0; e < HD; e++) o[e] = 0.f;
-            const float inv = 1.f / den;
-            for (long j = 0; j < S; j++) axpy_c(p[j] * inv, vh + j * HD, o, HD);
+    for (long mh = 0; mh < M * H; mh++) {
+        const long m = mh / H, h = mh % H, g = h / rep, S = op.pos[m] + 1;
+        const float* qh = qkv + m * ldq + h * HD;
+        const C* kh = kc + m * op.rs + g * op.L * HD;
+        const C* vh = vc + m * op.rs + g * op.L * HD;
+        float mx = -INFINITY;
+        for (long j = 0; j < S; j++) {
+            p[j] = dot_c(qh, kh + j * HD, HD) * scale;
+            mx = std::max(mx, p[j]);
         }
-        if (o) products(out, H * HD, M, &o, 1, y, ldy, add, ldadd, act);  // the output projection (+ residual)
+        float den = 0.f;
+        for (long j = 0; j < S; j++) {
+            p[j] = std::exp(p[j] - mx);
+            den += p[j];
+        }
+        float* o = out + m * H * HD + h * HD;
+        for (long e = 0; e < HD; e++) o[e] = 0.f;
+        const float inv = 1.f / den;
+        for (long j = 0; j < S; j++) axpy_c(p[j] * inv, vh + j * HD, o, HD);
     }
 }
 
@@ -663,65 +723,36 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* s, const int16_t* z, long N
     }
 }
 
-// y [M, ldy] = pre(x) · [W0; W1; W2]ᵀ (+ add): up to three weights that read the same input (q/k/v, gate/up),
-// their outputs side by side (each W's columns start where the previous one's N8 — dense: N — ended), in one
-// parallel region. pre: 0 x itself ([M, K], contiguous), 1 RMSNorm of x (row stride ldx) with weight `norm`,
-// 2 silu(x[:, :K]) · x[:, goff:goff + K] (row stride ldx). add [M, ldadd] is added to W0's N outputs (the
-// residual; only with one weight).
-void ty_linear(const float* x, long M, long ldx, int pre, const float* norm, float eps, long goff, const Proj* p0,
-               const Proj* p1, const Proj* p2, float* y, long ldy, const float* add, long ldadd, int nt) {
-    const Proj* ps[3] = {p0, p1, p2};
-    const long K = p0->K;
-    std::vector<float> h(pre ? M * K : 0);
-    Act act;
-#pragma omp parallel num_threads(nt)
-    {
-        const float* xin = x;
-        long ld = ldx;
-        if (pre) {
-#pragma omp single
-            {
-                if (pre == 1) rmsnorm(x, ldx, norm, eps, h.data(), M, K);
-                else swiglu(x, ldx, goff, h.data(), M, K);
-            }
-            xin = h.data();
-            ld = K;
+// Runs n ops in order in one parallel region of nt threads: a decode step recorded once (ops.Graph) costs
+// one call and one fork/join instead of one per op. Each op reads and writes only its own operands.
+void ty_run(const Op* ops, long n, int nt) {
+    long need = 0, hd = 1, len = 1;
+    for (long i = 0; i < n; i++) {
+        need = std::max(need, scratch_of(ops[i]));
+        if (ops[i].kind == OP_ATTEND) {
+            hd = std::max(hd, ops[i].HD);
+            for (long m = 0; m < ops[i].M; m++) len = std::max(len, ops[i].pos[m] + 1);
         }
-        products(xin, ld, M, ps, ps[2] ? 3 : ps[1] ? 2 : 1, y, ldy, add, ldadd, act);
     }
-}
-
-// The MLP of a block: y [M, ldy] = add + (silu(h·Gᵀ) · h·Uᵀ) · Dᵀ with h = RMSNorm(x) (weight `norm`), in one
-// parallel region.
-void ty_mlp(const float* x, long M, long ldx, const float* norm, float eps, const Proj* g, const Proj* u,
-            const Proj* d, float* y, long ldy, const float* add, long ldadd, int nt) {
-    const long K = g->K, F = d->K, wgu = width(*g) + width(*u);
-    std::vector<float> h(M * K), gu(M * wgu), a(M * F);
-    const Proj* gp[2] = {g, u};
+    std::vector<float> scratch(need);
     Act act;
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp single
-        rmsnorm(x, ldx, norm, eps, h.data(), M, K);
-        products(h.data(), K, M, gp, 2, gu.data(), wgu, nullptr, 0, act);
-#pragma omp single
-        swiglu(gu.data(), wgu, width(*g), a.data(), M, F);
-        products(a.data(), F, M, &d, 1, y, ldy, add, ldadd, act);
+        std::vector<float> tmp(hd), p(len);
+        for (long i = 0; i < n; i++) {
+            const Op& op = ops[i];
+            if (op.kind == OP_LINEAR) {
+                linear_body(op, scratch.data(), act);
+            } else if (op.kind == OP_MLP) {
+                mlp_body(op, scratch.data(), act);
+            } else {
+                float* out = op.p[0] ? scratch.data() : op.y;
+                if (op.pre) attend_body<uint16_t>(op, out, tmp, p);
+                else attend_body<float>(op, out, tmp, p);
+                if (op.p[0]) products(out, op.H * op.HD, op.M, op.p, 1, op.y, op.ldy, op.add, op.ldadd, act);
+            }
+        }
     }
-}
-
-// Attention of one new token per row (see `attend`); the cache rows are fp32 (bf16 = 0) or bf16 (bf16 = 1),
-// rs elements apart, L slots each; out [M, H·HD] fp32. With `o` (else null), also y [M, ldy] = add + out · Oᵀ.
-void ty_attend_decode(float* qkv, long M, long ldq, long koff, long voff, long H, long KVH, long HD,
-                      const float* cos, const float* sin, long ldcs, void* kc, void* vc, long rs, long L, int bf16,
-                      const long* pos, float* out, const Proj* o, float* y, long ldy, const float* add, long ldadd,
-                      int nt) {
-    if (bf16)
-        attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<uint16_t*>(kc),
-               static_cast<uint16_t*>(vc), rs, L, pos, out, o, y, ldy, add, ldadd, nt);
-    else
-        attend(qkv, M, ldq, koff, voff, H, KVH, HD, cos, sin, ldcs, static_cast<float*>(kc), static_cast<float*>(vc),
-               rs, L, pos, out, o, y, ldy, add, ldadd, nt);
 }
 
 }  // extern "C"
