@@ -279,3 +279,19 @@ def test_a_failing_request_fails_alone():
     assert [t for e in out[ok.id] for t in e.tokens] == alone and out[ok.id][-1].finish_reason == "length"
     with pytest.raises(GenerationError, match="seed"):
         SamplingParams(seed=2**80)
+
+
+@pytest.mark.parametrize("logits, ok", [([0.0, float("nan"), 1.0], False), ([float("-inf")] * 3, False),
+                                        ([0.0, float("inf"), 1.0], True), ([float("nan"), float("inf"), 1.0], False),
+                                        ([float("-inf"), -3.0, float("-inf")], True)],
+                         ids=["nan", "nothing-finite", "+inf", "nan+inf", "one-finite"])
+def test_rows_with_nan_or_nothing_finite_fail(logits, ok):
+    """A row with a NaN, or with no finite logit, fails its request; one +inf or one finite value does not."""
+    from tianying.engine import Engine, Request
+
+    engine = Engine(FixedLogits(logits), prefix_cache_bytes=0)
+    req = Request([0, 0], SamplingParams(max_new_tokens=1))
+    last = [ev for _, ev in engine.run([req])][-1]
+    assert (last.finish_reason != "error") == ok
+    if not ok:
+        assert last.status == 400

@@ -550,7 +550,11 @@ class Engine:
         greedy = [i for i, s in enumerate(seqs) if s.req.params.plain_greedy]
         picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         # a row with NaN or nothing finite fails its request (one check for the whole step)
-        valid = (torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)).tolist()
+        top = logits.amax(-1)  # (NaN propagates into the max; a finite max: no NaN and something finite)
+        ok = torch.isfinite(top)
+        if bool((top == float("inf")).any()):
+            ok = torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)
+        valid = ok.tolist()
         for i, s in enumerate(seqs):
             if s.req.cancelled and s.req.open == 0:
                 continue

@@ -78,6 +78,8 @@ def _flags(simd: bool = True) -> list[str]:
     if simd and (cap.startswith("AVX2") or cap.startswith("AVX512")):
         flags += ["-mavx2", "-mfma", "-mf16c"]
         cpu = _cpu_flags()
+        if cap.startswith("AVX512") and {"avx512f", "avx512bw"} <= cpu:
+            flags += ["-mavx512f", "-mavx512bw"]  # int4 steps of 64 columns
         if cap.startswith("AVX512") and {"avx512_vnni", "avx512vl"} <= cpu:
             flags += ["-mavx512vnni", "-mavx512vl"]  # one instruction per int16 multiply-add step
         elif "avx_vnni" in cpu:

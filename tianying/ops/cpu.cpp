@@ -35,6 +35,16 @@
 #else
 #define TY_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
+// AVX-512 (BW): int4 blocks of 64 columns per instruction (the build adds -mavx512f -mavx512bw where torch
+// dispatches AVX512 code and the CPU has them)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TY_AVX512 1
+#if defined(__AVX512VNNI__)
+#define TY_DPWSSD512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define TY_DPWSSD512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#endif
 #endif
 
 namespace {
@@ -73,7 +83,7 @@ struct Act {
     std::vector<int32_t> sum;  // [MB][K / kb]: Σ xq over the block
 };
 
-// perm (act-order, may be null): stored column k reads input column perm[k]. chunk (int4: 16 or 32, 0 for
+// perm (act-order, may be null): stored column k reads input column perm[k]. chunk (int4: 16, 32 or 64, 0 for
 // int8): within each chunk of that many columns, column 2c goes to position c and 2c + 1 to chunk/2 + c.
 inline long chunk_pos(long k, long chunk) {  // chunk: 0 or a power of two (no division per element)
     if (!chunk) return k;
@@ -293,6 +303,59 @@ void i4_block8(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* 
         _mm256_storeu_ps(y + m * ldy, tot);
     }
 }
+
+// [Σ lanes of a[0], …, Σ lanes of a[7]] (8 int32 vectors)
+inline __m256i row_sums8(const __m256i* a) {
+    const __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
+    const __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+#ifdef TY_AVX512
+// i4_block8 with 64 columns per step (kb % 64 == 0, activations in chunk-64 order): a row's 32 bytes widen to
+// 32 int16 lanes whose low nibbles meet the chunk's 32 even columns and high nibbles its 32 odd ones.
+template <int MB>
+void i4_block8_512(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sb, const uint8_t* zb, long G,
+                   float* y, long ldy) {
+    const long nb = K / kb, gs = K / G, rb = K / 2;
+    const __m512i low = _mm512_set1_epi16(0x0f);
+    for (int m = 0; m < MB; m++) {
+        const int16_t* xm = a.q.data() + m * K;
+        __m256 tot = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+        __m256i vz = _mm256_setzero_si256();
+        for (long b = 0; b < nb; b++) {
+            if (b * kb % gs == 0) {
+                const long g = b * kb / gs;
+                vs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + g * 8)));
+                vz = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zb + g * 8)));
+            }
+            __m512i acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_si512();
+            for (long k = b * kb; k < (b + 1) * kb; k += 64) {
+                if (m == 0 && (k & 127) == 0)  // the same line of the block PF_BLOCKS ahead
+                    for (int r = 0; r < 8; r++)
+                        _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8 * PF_BLOCKS) * rb + k / 2), _MM_HINT_T1);
+                const __m512i xe = _mm512_loadu_si512(xm + k);
+                const __m512i xo = _mm512_loadu_si512(xm + k + 32);
+                for (int r = 0; r < 8; r++) {
+                    const __m512i v =
+                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * rb + k / 2)));
+                    acc[r] = TY_DPWSSD512(acc[r], _mm512_and_si512(v, low), xe);
+                    acc[r] = TY_DPWSSD512(acc[r], _mm512_srli_epi16(v, 4), xo);
+                }
+            }
+            __m256i half[8];
+            for (int r = 0; r < 8; r++)
+                half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+            const __m256i d =
+                _mm256_sub_epi32(row_sums8(half), _mm256_mullo_epi32(vz, _mm256_set1_epi32(a.sum[m * nb + b])));
+            tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(vs, _mm256_set1_ps(a.scale[m * nb + b])), tot);
+        }
+        _mm256_storeu_ps(y + m * ldy, tot);
+    }
+}
+#endif
 #endif
 
 // A weight operand (see the layouts above). kind: KF32/KBF16/KF16 (dense row-major [N, K], read in place) or
@@ -343,6 +406,15 @@ void gemm_rows(const Act& a, const Proj& p, float* y, long ldy) {
         gemm_rows_r<MB, (MB >= 4 ? 8 / MB : I8_ROWS)>(a, p, y, ldy);
         return;
     }
+#ifdef TY_AVX512
+    if (p.kb % 64 == 0) {
+#pragma omp for schedule(static)
+        for (long b = 0; b < p.N / 8; b++)
+            i4_block8_512<MB>(a, p.K, p.kb, static_cast<const uint8_t*>(p.w) + b * 8 * (p.K / 2),
+                              static_cast<const uint16_t*>(p.s) + b * p.G * 8, p.z + b * p.G * 8, p.G, y + b * 8, ldy);
+        return;
+    }
+#endif
 #ifdef TY_AVX2
 #pragma omp for schedule(static)
     for (long b = 0; b < p.N / 8; b++)  // int4: N % 8 == 0 (QuantSpec.check)
@@ -351,6 +423,14 @@ void gemm_rows(const Act& a, const Proj& p, float* y, long ldy) {
 #else
     gemm_rows_r<MB, 1>(a, p, y, ldy);
 #endif
+}
+
+// The int4 activation order the kernel for this block size reads (see quantize_act).
+inline long i4_chunk(long kb) {
+#ifdef TY_AVX512
+    if (kb % 64 == 0) return 64;
+#endif
+    return kb % 32 == 0 ? 32 : 16;
 }
 
 // y [M, ldy] = x [M, K] (contiguous) · Ŵᵀ inside a parallel region; `a` is shared scratch (one thread rounds
@@ -362,7 +442,7 @@ void gemm_region(const float* x, long M, const Proj& p, float* y, long ldy, Act&
         const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
         if (!rounded || mb != M) {  // (several blocks: `a` holds only the last one)
 #pragma omp single
-            quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.kind == KI8 ? 0 : (p.kb % 32 == 0 ? 32 : 16));
+            quantize_act(x + m0 * p.K, mb, p.K, p.kb, a, p.perm, p.kind == KI8 ? 0 : i4_chunk(p.kb));
         }
         float* ym = y + m0 * ldy;
         if (mb == 8) gemm_rows<8>(a, p, ym, ldy);
@@ -411,11 +491,40 @@ inline __m256 wload(const void* w, long i) {
 // activation row keep the FMA latency from bounding the speed. A thread's rows are one contiguous stretch of
 // memory read front to back, the pattern hardware prefetchers follow best (rows side by side would be
 // several short streams that each end after one row).
+#ifdef TY_AVX512
+template <int KIND>
+inline __m512 wload512(const void* w, long i) {
+    if (KIND == KF32) return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+    if (KIND == KBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+#endif
+
 template <int KIND, int MB>
 void dense_row(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
     long k = 0;
     float tot[MB];
-#ifdef TY_AVX2
+#if defined(TY_AVX512)
+    constexpr int U = MB >= 8 ? 2 : MB >= 4 ? 4 : 4;  // MB·U ≤ 16 accumulators (32 vector registers)
+    __m512 acc[MB][U];
+    for (int m = 0; m < MB; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
+    for (; k + 16 * U <= K; k += 16 * U)
+        for (int u = 0; u < U; u++) {
+            const __m512 v = wload512<KIND>(w, n * K + k + 16 * u);
+            for (int m = 0; m < MB; m++)
+                acc[m][u] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
+        }
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = wload512<KIND>(w, n * K + k);
+        for (int m = 0; m < MB; m++) acc[m][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+    }
+    for (int m = 0; m < MB; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][u]);
+        tot[m] = _mm512_reduce_add_ps(acc[m][0]);
+    }
+#elif defined(TY_AVX2)
     constexpr int U = MB >= 8 ? 1 : MB >= 4 ? 2 : 4;  // MB·U ≤ 8 accumulators (16 vector registers)
     __m256 acc[MB][U];
     for (int m = 0; m < MB; m++)
