@@ -18,12 +18,15 @@ again in dispatch. So `cpu.cpp` provides the few operations a decode step is mad
   length in its KV-cache row (fp32 or bf16), softmax(qKᵀ/√d)V over that row, and optionally the output
   projection and the residual.
 - `mlp(x, gate, up, down, norm, eps, add)`: a block's MLP, RMSNorm to residual, in one parallel region.
-Every call takes tensors and reads their addresses for that call only: nothing keeps a pointer into a
-module. Larger batches (prefill) dequantize row chunks with the reference's exact arithmetic and use the
-BLAS GEMM (`QuantLinear` decides); dense prefill is PyTorch's.
+Every call takes tensors and reads their addresses for that call only; an `ops.Graph` records calls and
+replays them in one C call (`ty_run`), keeping what it recorded alive, and its owner (tianying.model's
+`DecodeGraph`) drops it when the model changes: no address is used after its tensor changed. Larger batches
+(prefill) dequantize row chunks with the reference's exact arithmetic and use the BLAS GEMM (`QuantLinear`
+decides); dense prefill is PyTorch's.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
-when torch reports an AVX2/AVX512 CPU, and the VNNI instruction (the same integer sums in one instruction
+when torch reports an AVX2/AVX512 CPU, -mavx512f -mavx512bw where it reports AVX512 and the CPU has them (16-lane
+dense GEMV, int4 steps of 64 columns), and the VNNI instruction (the same integer sums in one instruction
 instead of two) where torch reports AVX512 and the CPU has avx512_vnni, or it has avx_vnni. The library is
 cached under `$TIANYING_CACHE` (default ~/.cache/tianying) by a hash of the source, flags and compiler,
 written atomically; it links the libgomp that torch already loaded, so there is one OpenMP thread pool.

@@ -1,7 +1,8 @@
-// CPU operations the model calls for decoding (see tianying/ops/__init__.py for why they exist):
-// weight-only int8 / int4 and dense fp32 / bf16 / fp16 matrix-vector products (`ty_linear`, optionally
-// fused with the RMSNorm or SwiGLU in front of them and the residual add behind), and attention of one
-// new token per row over its KV-cache row (`ty_attend_decode`: RoPE, cache write, softmax(qKᵀ)V).
+// CPU operations the model calls for decoding (see tianying/ops/__init__.py for why they exist): weight-only
+// int8 / int4 and dense fp32 / bf16 / fp16 matrix-vector products (OP_LINEAR, optionally fused with the
+// RMSNorm or SwiGLU in front of them and the residual add behind), a block's MLP (OP_MLP), and attention of
+// one new token per row over its KV-cache row (OP_ATTEND: RoPE, cache write, softmax(qKᵀ)V). `ty_run` runs a
+// list of them in one parallel region: one op called now, or a recorded decode step replayed.
 //
 // Quantized products:
 // y[M, N] = x[M, K] · Ŵᵀ; Ŵ is never materialised for small M.
