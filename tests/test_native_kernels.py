@@ -105,9 +105,10 @@ def test_int16_activation_error_is_relative_to_the_block() -> None:
     _close(layer(x), x, layer)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8, -1, False), QuantSpec(4, 16, False)], ids=str)
+@pytest.mark.parametrize("spec", [QuantSpec(8, -1, False), QuantSpec(4, 16, False), QuantSpec(4, 32, True),
+                                  QuantSpec(4, 128, False)], ids=str)
 def test_native_dequantize_is_bit_exact(spec: QuantSpec) -> None:
-    layer = _layer(44 if spec.bits == 8 else 40, 64, spec)
+    layer = _layer(44 if spec.bits == 8 else 40, 256 if spec.group_size == 128 else 64, spec)
     full = dequantize(layer.int_weight(), layer.scales, layer.zeros)
     fn = native.dequant_i8 if spec.bits == 8 else native.dequant_i4
     for n0, n1 in [(0, full.shape[0]), (8, 24), (3, 17)]:

@@ -824,11 +824,26 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* s, const int16_t* z, long N
     for (long n = n0; n < n1; n++) {
         float* o = out + (n - n0) * K;
         const uint8_t* wn = w + n * (K / 2);
-        for (long k = 0; k < K; k++) {
-            const long g = k / gs;
+        for (long g = 0; g < G; g++) {
             const float sg = half_to_float(s[g * N + n]), zg = (float)z[g * N + n];
-            const uint8_t v = wn[k / 2];
-            o[k] = ((float)(k % 2 ? v >> 4 : v & 15) - zg) * sg;
+            long k = g * gs;
+            const long k1 = k + gs;
+#ifdef TY_AVX2  // 16 columns per step, the same arithmetic: (q − z) exact in fp32, then one rounding by · s
+            const __m256 vs = _mm256_set1_ps(sg), vz = _mm256_set1_ps(zg);
+            const __m128i low = _mm_set1_epi8(0x0f);
+            for (; k + 16 <= k1; k += 16) {
+                const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + k / 2));
+                const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+                const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+                const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+                _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(a, vz), vs));
+                _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_sub_ps(b, vz), vs));
+            }
+#endif
+            for (; k < k1; k++) {
+                const uint8_t v = wn[k / 2];
+                o[k] = ((float)(k % 2 ? v >> 4 : v & 15) - zg) * sg;
+            }
         }
     }
 }
