@@ -384,7 +384,24 @@ def _watch_structure() -> None:
         _HOOKED[0] = True
 
 
-class DecodeGraph:
+class _Snapshot:
+    """What a decode graph read of a model, to tell whether it still holds: the structure epoch, every tensor's
+    address, and the version of those the graph copied (fp16 norms widened to fp32; the weights and fp32/bf16
+    norms it reads in place). Alone, it records that a step was not servable with these weights."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.tensors = [*model.parameters(), *model.buffers()]
+        self.epoch, self.state = _EPOCH[0], self._state()
+
+    def _state(self) -> tuple:
+        ts = self.tensors
+        return (*map(torch.Tensor.data_ptr, ts), *(t._version for t in ts if t.dtype is torch.float16))
+
+    def valid(self) -> bool:
+        return self.epoch == _EPOCH[0] and self._state() == self.state
+
+
+class DecodeGraph(_Snapshot):
     """A decode step of one model (every layer's `decode_with_ops`, then the head) recorded into an `ops.Graph`
     for one batch size and one set of KV-cache rows, and replayed with new inputs: the Python of ~100 op calls
     per step, their argument checks and their OpenMP fork/joins become one C call.
@@ -411,22 +428,7 @@ class DecodeGraph:
         self.out = model._head_with_ops(x, run=self.graph)
         if self.out is None:
             raise LookupError("a head the ops do not serve")
-        self.tensors = [*model.parameters(), *model.buffers()]
-        self.state = self._state(self.tensors)
-        self.epoch = _EPOCH[0]
-
-    @staticmethod
-    def _state(tensors: list) -> tuple:
-        """Every tensor's address, and the version of those the graph copied (fp16 norms widened to fp32; all
-        else, the weights and fp32/bf16 norms, it reads in place)."""
-        return (*map(torch.Tensor.data_ptr, tensors), *(t._version for t in tensors if t.dtype is torch.float16))
-
-    @staticmethod
-    def state_of(model: Transformer) -> tuple:
-        return DecodeGraph._state([*model.parameters(), *model.buffers()])
-
-    def valid(self, model: Transformer) -> bool:  # (the hooks are checked by DecodeGraphs.get)
-        return self.epoch == _EPOCH[0] and self._state(self.tensors) == self.state
+        super().__init__(model)
 
     def replay(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
@@ -448,25 +450,20 @@ class DecodeGraphs(dict):
                 or any(b._forward_pre_hooks or b._forward_hooks for b in model.model.layers)):
             return None
         key = (k.data_ptr(), v.data_ptr(), k.shape, k.stride(), k.dtype)
-        g = super().get(key)
-        if isinstance(g, DecodeGraph):
-            if g.valid(model):
-                return g
-            del self[key]
-        elif g is not None:  # tried with these weights, and a layer or the head is not one the ops serve
-            if g == (_EPOCH[0], DecodeGraph.state_of(model)):
-                return None
-            del self[key]
+        entry = super().get(key)
+        if entry is not None and entry.valid():
+            return entry if isinstance(entry, DecodeGraph) else None  # (a bare snapshot: not servable)
         _watch_structure()
         try:
-            g = DecodeGraph(model, rows)
-        except (LookupError, ValueError):
-            g = None
+            entry = DecodeGraph(model, rows)
+        except (LookupError, ValueError):  # a layer or the head the ops do not serve
+            entry = _Snapshot(model)
+        self.pop(key, None)
         if len(self) >= self.MAX:
             del self[next(iter(self))]
-        self[key] = g if g is not None else (_EPOCH[0], DecodeGraph.state_of(model))
+        self[key] = entry
         _GRAPH_OWNERS.add(model)
-        return g
+        return entry if isinstance(entry, DecodeGraph) else None
 
     def __deepcopy__(self, memo: dict) -> DecodeGraphs:  # (a copy records its own)
         return DecodeGraphs()

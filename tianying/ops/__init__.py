@@ -495,9 +495,6 @@ class Graph:
     def mlp(self, x, gate, up, down, norm, eps, add=None):  # noqa: ANN001, ANN201
         return self._add(_mlp_op(x, gate, up, down, norm, eps, add))
 
-    def __len__(self) -> int:
-        return len(self._ops)
-
     def run(self) -> None:
         if self._array is None:
             self._array = (Op * len(self._ops))(*self._ops)

@@ -241,6 +241,14 @@ void i4_rows(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* sg
 }
 
 #ifdef TY_AVX2
+// [Σ lanes of a[0], …, Σ lanes of a[7]] (8 int32 vectors)
+inline __m256i row_sums8(const __m256i* a) {
+    const __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
+    const __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
 // 8 consecutive output rows at once (AVX2; int4 layers have N % 8 == 0): per activation row, 8 integer
 // accumulators (one per weight row) are reduced across lanes once per block into one vector of 8 row sums,
 // so the per-group scaling is one vector operation for 8 rows (sb, zb: this block's [G][8] operands).
@@ -291,26 +299,13 @@ void i4_block8(const Act& a, long K, long kb, const uint8_t* w, const uint16_t* 
                     }
                 }
             }
-            // lane sums of the 8 accumulators → [row 0 .. row 7]
-            const __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]), t1 = _mm256_hadd_epi32(acc[2], acc[3]);
-            const __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]), t3 = _mm256_hadd_epi32(acc[6], acc[7]);
-            const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
-            const __m256i rows = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
-                                                  _mm256_permute2x128_si256(u0, u1, 0x31));
-            // s·sx·(Σ xq·q − z·Σ xq), exact in int32 up to the scaling
-            const __m256i d = _mm256_sub_epi32(rows, _mm256_mullo_epi32(vz, _mm256_set1_epi32(a.sum[m * nb + b])));
+            // s·sx·(Σ xq·q − z·Σ xq) with the 8 rows' lane sums, exact in int32 up to the scaling
+            const __m256i d =
+                _mm256_sub_epi32(row_sums8(acc), _mm256_mullo_epi32(vz, _mm256_set1_epi32(a.sum[m * nb + b])));
             tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(vs, _mm256_set1_ps(a.scale[m * nb + b])), tot);
         }
         _mm256_storeu_ps(y + m * ldy, tot);
     }
-}
-
-// [Σ lanes of a[0], …, Σ lanes of a[7]] (8 int32 vectors)
-inline __m256i row_sums8(const __m256i* a) {
-    const __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
-    const __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
-    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
 #ifdef TY_AVX512
@@ -487,63 +482,75 @@ inline __m256 wload(const void* w, long i) {
 }
 #endif
 
-// y[m, n] = Σ_k x[m, k] · w[n, k] for MB activation rows (stride ldx): one weight row streams through once,
-// each loaded weight vector meets all MB activation rows (from L1), and U independent accumulators per
-// activation row keep the FMA latency from bounding the speed. A thread's rows are one contiguous stretch of
-// memory read front to back, the pattern hardware prefetchers follow best (rows side by side would be
-// several short streams that each end after one row).
+#ifdef TY_AVX2
+// The dense GEMV's vector operations at one width: 8 lanes (AVX2, 16 registers) or 16 (AVX-512, 32).
+struct Vec8 {
+    using T = __m256;
+    static constexpr int W = 8, REGS = 16;
+    static T zero() { return _mm256_setzero_ps(); }
+    static T load(const float* p) { return _mm256_loadu_ps(p); }
+    template <int KIND>
+    static T weights(const void* w, long i) { return wload<KIND>(w, i); }
+    static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static T add(T a, T b) { return _mm256_add_ps(a, b); }
+    static float sum(T a) { return hsum(a); }
+};
+#endif
 #ifdef TY_AVX512
-template <int KIND>
-inline __m512 wload512(const void* w, long i) {
-    if (KIND == KF32) return _mm512_loadu_ps(static_cast<const float*>(w) + i);
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
-    if (KIND == KBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
+struct Vec16 {
+    using T = __m512;
+    static constexpr int W = 16, REGS = 32;
+    static T zero() { return _mm512_setzero_ps(); }
+    static T load(const float* p) { return _mm512_loadu_ps(p); }
+    template <int KIND>
+    static T weights(const void* w, long i) {
+        if (KIND == KF32) return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+        if (KIND == KBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        return _mm512_cvtph_ps(h);
+    }
+    static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static T add(T a, T b) { return _mm512_add_ps(a, b); }
+    static float sum(T a) { return _mm512_reduce_add_ps(a); }
+};
 #endif
 
+// tot[m] = Σ_k x[m, k] · w[n, k] over the columns k < K that whole vectors cover (k ends after them): one
+// weight row streams through once, each loaded weight vector meets all MB activation rows (from L1), and U
+// independent accumulators per activation row keep the FMA latency from bounding the speed. A thread's rows are
+// one contiguous stretch of memory read front to back, the pattern hardware prefetchers follow best (rows side
+// by side would be several short streams that each end after one row).
+template <class V, int KIND, int MB>
+void dense_vectors(const float* x, long ldx, long K, const void* w, long n, float* tot, long& k) {
+    constexpr int U = MB >= 8 ? V::REGS / 16 : MB >= 4 ? V::REGS / 8 : 4;  // MB·U ≤ half the registers
+    constexpr int W = V::W;
+    typename V::T acc[MB][U];
+    for (int m = 0; m < MB; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = V::zero();
+    for (; k + W * U <= K; k += W * U)
+        for (int u = 0; u < U; u++) {
+            const auto v = V::template weights<KIND>(w, n * K + k + W * u);
+            for (int m = 0; m < MB; m++) acc[m][u] = V::fma(v, V::load(x + m * ldx + k + W * u), acc[m][u]);
+        }
+    for (; k + W <= K; k += W) {
+        const auto v = V::template weights<KIND>(w, n * K + k);
+        for (int m = 0; m < MB; m++) acc[m][0] = V::fma(v, V::load(x + m * ldx + k), acc[m][0]);
+    }
+    for (int m = 0; m < MB; m++) {
+        for (int u = 1; u < U; u++) acc[m][0] = V::add(acc[m][0], acc[m][u]);
+        tot[m] = V::sum(acc[m][0]);
+    }
+}
+
+// y[m, n] = Σ_k x[m, k] · w[n, k] for MB activation rows (stride ldx), the widest vectors here, then the tail.
 template <int KIND, int MB>
 void dense_row(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
     long k = 0;
     float tot[MB];
 #if defined(TY_AVX512)
-    constexpr int U = MB >= 8 ? 2 : MB >= 4 ? 4 : 4;  // MB·U ≤ 16 accumulators (32 vector registers)
-    __m512 acc[MB][U];
-    for (int m = 0; m < MB; m++)
-        for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
-    for (; k + 16 * U <= K; k += 16 * U)
-        for (int u = 0; u < U; u++) {
-            const __m512 v = wload512<KIND>(w, n * K + k + 16 * u);
-            for (int m = 0; m < MB; m++)
-                acc[m][u] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
-        }
-    for (; k + 16 <= K; k += 16) {
-        const __m512 v = wload512<KIND>(w, n * K + k);
-        for (int m = 0; m < MB; m++) acc[m][0] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
-    }
-    for (int m = 0; m < MB; m++) {
-        for (int u = 1; u < U; u++) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][u]);
-        tot[m] = _mm512_reduce_add_ps(acc[m][0]);
-    }
+    dense_vectors<Vec16, KIND, MB>(x, ldx, K, w, n, tot, k);
 #elif defined(TY_AVX2)
-    constexpr int U = MB >= 8 ? 1 : MB >= 4 ? 2 : 4;  // MB·U ≤ 8 accumulators (16 vector registers)
-    __m256 acc[MB][U];
-    for (int m = 0; m < MB; m++)
-        for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
-    for (; k + 8 * U <= K; k += 8 * U)
-        for (int u = 0; u < U; u++) {
-            const __m256 v = wload<KIND>(w, n * K + k + 8 * u);
-            for (int m = 0; m < MB; m++)
-                acc[m][u] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
-        }
-    for (; k + 8 <= K; k += 8) {
-        const __m256 v = wload<KIND>(w, n * K + k);
-        for (int m = 0; m < MB; m++) acc[m][0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
-    }
-    for (int m = 0; m < MB; m++) {
-        for (int u = 1; u < U; u++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-        tot[m] = hsum(acc[m][0]);
-    }
+    dense_vectors<Vec8, KIND, MB>(x, ldx, K, w, n, tot, k);
 #else
     for (int m = 0; m < MB; m++) tot[m] = 0.f;
 #endif
