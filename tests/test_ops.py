@@ -28,9 +28,11 @@ def _dense_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 3, 8, 11])
-@pytest.mark.parametrize("shape", [(37, 70), (64, 96), (5, 8)], ids=["odd", "even", "small"])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 11, 37])
+@pytest.mark.parametrize("shape", [(37, 70), (64, 96), (5, 8), (203, 1001)], ids=["odd", "even", "small", "chunks"])
 def test_dense_linear_equals_matmul(dtype: torch.dtype, M: int, shape: tuple) -> None:
+    """One row (the streaming GEMV) and several (tiles of activation × weight rows: partial tiles in both
+    directions, weights in several L2 chunks, columns past whole vectors)."""
     N, K = shape
     g = torch.Generator().manual_seed(M * 100 + N)
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -421,3 +423,71 @@ def test_engine_decodes_on_the_ops_like_pytorch(count_steps: list) -> None:
     plain = Engine(m, max_batch=2, prefill_chunk=4).generate_ids(prompts, params)
     m.native_ops = True
     assert native == plain
+
+
+@pytest.fixture
+def count_linear(monkeypatch):  # noqa: ANN001, ANN201 - rows of each ops.linear call
+    rows = []
+    real = ops.linear
+
+    def spy(x, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        rows.append(x.shape[0])
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ops, "linear", spy)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_projections_on_the_tiled_kernel(dtype: torch.dtype, monkeypatch, count_linear) -> None:  # noqa: ANN001
+    """A forward of several tokens without autograd runs every projection and the head on the tiled kernel when
+    it is chosen (TIANYING_DENSE_GEMM=1), with PyTorch's logits; =0 leaves them to PyTorch."""
+    m, cfg = _model(dtype=dtype)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        monkeypatch.setenv("TIANYING_DENSE_GEMM", "0")
+        plain = m(ids).float()
+        assert count_linear == []
+        monkeypatch.setenv("TIANYING_DENSE_GEMM", "1")
+        tiled = m(ids).float()
+    assert count_linear == [18] * (7 * cfg.n_layer + 1)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: each projection's output rounded, in another order
+    torch.testing.assert_close(tiled, plain, rtol=tol, atol=tol)
+
+
+def test_projections_with_hooks_or_autograd_stay_in_pytorch(monkeypatch, count_linear) -> None:  # noqa: ANN001
+    monkeypatch.setenv("TIANYING_DENSE_GEMM", "1")
+    m, cfg = _model()
+    ids = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    seen = []
+    h = m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        m(ids)
+    h.remove()
+    assert seen == [(1, 6, 64)] and len(count_linear) == 7 * cfg.n_layer  # all but the hooked projection
+    count_linear.clear()
+    m(ids).float().sum().backward()  # training: autograd needs PyTorch's ops
+    assert count_linear == [] and m.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.skipif(not QUANT_NATIVE, reason="another quantization backend is forced")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tiled", ["0", "1"])
+def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, monkeypatch, count_linear) -> None:  # noqa: ANN001
+    """Above NATIVE_MAX_ROWS rows QuantLinear dequantizes row chunks and multiplies them on the tiled kernel or on
+    PyTorch's GEMM: both within the analytic bound of the exact product with Ŵ."""
+    from tianying.quantize.linear import NATIVE_MAX_ROWS, product_bound
+
+    monkeypatch.setenv("TIANYING_DENSE_GEMM", tiled)
+    monkeypatch.setenv("TIANYING_QUANT_BACKEND", "native")
+    g = torch.Generator().manual_seed(bits)
+    lin = torch.nn.Linear(256, 72, bias=False)
+    spec = QuantSpec(bits, -1 if bits == 8 else 32, False)
+    q = QuantLinear.from_linear(lin, spec)
+    x = torch.randn(NATIVE_MAX_ROWS + 23, 256, generator=g)
+    with torch.no_grad():
+        y = q(x)
+    w = q.dequantize()
+    err = (y.double() - x.double() @ w.double().t()).abs()
+    assert (err <= product_bound(x, w, "native", spec).double()).all()
+    assert count_linear == ([x.shape[0]] if tiled == "1" and not ops.bf16_gemm() else [])

@@ -281,9 +281,9 @@ class Attention(nn.Module):
         """cos/sin from `rope.rotation_tables`; `qscale` [B or 1, 1, T, 1] multiplies the rotated queries (LogN
         scaling); None leaves them."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = project(self.v_proj, x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotation(q, cos, sin), apply_rotation(k, cos, sin)
         if qscale is not None:
             q = q * qscale
@@ -298,7 +298,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -309,7 +309,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class Block(nn.Module):
@@ -351,6 +351,28 @@ class Block(nn.Module):
             x = x[:, :o.N]
         y = run.mlp(x, g, u, d, w2 if w2.dtype in ops.NORM_DTYPES else w2.float(), n2.eps, add=x)
         return y if d.width == d.N else y[:, :d.N]
+
+
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x); for a plain bias-free `nn.Linear` given several rows on the CPU with no autograd, no hook and no
+    compiler watching, the same product on `tianying.ops`' tiled kernel where that beats PyTorch's GEMM
+    (`ops.dense_gemm`: prefill, batched forwards, evaluation)."""
+    if (type(m) is nn.Linear and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > x.shape[-1]
+            and not (m._forward_hooks or m._forward_pre_hooks or _global_hooks())
+            and not torch.compiler.is_compiling()):
+        w = m._parameters["weight"]
+        if m._parameters["bias"] is None and x.dtype is w.dtype and ops.dense_gemm(w.dtype, x.numel() // w.shape[1]):
+            op = ops.dense_weight_of(m)
+            if op is not None:
+                x2 = x.reshape(-1, op.proj.K)
+                y = ops.linear(x2 if x2.dtype is torch.float32 else x2.float(), op)
+                return y.to(x.dtype).view(*x.shape[:-1], op.N)
+    return m(x)
+
+
+def _global_hooks() -> bool:
+    mm = torch.nn.modules.module
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks)
 
 
 def op_weight(m: nn.Module) -> ops.Weight | None:
@@ -608,7 +630,7 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        return x if hidden_only else self.lm_head(x)
+        return x if hidden_only else project(self.lm_head, x)
 
     def _head_with_ops(self, x: torch.Tensor, run=ops) -> torch.Tensor | None:  # noqa: ANN001 - see decode_with_ops
         """Logits [B, V] of fp32 hidden states [B, D] (final RMSNorm fused into the head's product); recorded

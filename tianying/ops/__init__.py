@@ -139,6 +139,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.ty_dequant_i8.argtypes = [_P, _P, _P, _L, _L, _L, _P, _I]
     lib.ty_dequant_i4.argtypes = [_P, _P, _P, _L, _L, _L, _L, _L, _P, _I]
     lib.ty_run.argtypes = [_P, _L, _I]
+    lib.ty_simd.argtypes = []
+    lib.ty_simd.restype = _I
     for f in (lib.ty_gemm_i8, lib.ty_gemm_i4, lib.ty_dequant_i8, lib.ty_dequant_i4, lib.ty_run):
         f.restype = None
     return lib
@@ -518,6 +520,49 @@ def bf16_gemm() -> bool:
     avx512_bf16 EPYC: 512×576 by 576×1536 at 136 GFLOP/s in bf16 against 41 in fp32), as llama.cpp rounds the
     activations of its quantized prefill to 8 bits. `TIANYING_PREFILL_BF16=0` keeps fp32."""
     return _native_bf16() and os.environ.get("TIANYING_PREFILL_BF16", "1") != "0"
+
+
+FEW_ROWS = 16  # up to this many rows the tiled kernel is used whatever the GEMM (measured: ≥ 2× PyTorch's)
+
+
+def dense_gemm(dtype: torch.dtype, rows: int) -> bool:
+    """Whether a product of `rows` rows with dense weights of `dtype` (prefill, batched forwards) should run on
+    these ops' tiled kernel rather than PyTorch's GEMM: for few rows always; for more, bf16 / fp16 unless the
+    CPU multiplies bf16 natively (oneDNN's kernels then run faster), fp32 if the kernel was faster than
+    PyTorch's sgemm when both were timed here (once per process, `_tiled_beats_sgemm`: MKL's speed differs by
+    CPU vendor and generation). Only vector builds tile; `TIANYING_DENSE_GEMM=0|1` overrides the choice."""
+    lib = _LIB or _load()
+    if lib is None or not enabled() or dtype not in DENSE_KINDS or lib.ty_simd() < 8:
+        return False
+    forced = os.environ.get("TIANYING_DENSE_GEMM")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if rows <= FEW_ROWS:
+        return True
+    if dtype is torch.float32:
+        return _tiled_beats_sgemm(torch.get_num_threads())
+    return not _native_bf16()
+
+
+@functools.cache
+def _tiled_beats_sgemm(threads: int) -> bool:
+    """Times a 256×1024 by 1024×1024 fp32 product (best of 3) on the tiled kernel and on PyTorch's GEMM."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    op = dense_weight(w)
+
+    def best(f) -> float:  # noqa: ANN001
+        f()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: linear(x, op)) < best(lambda: x @ w.t())
 
 
 def enabled() -> bool:

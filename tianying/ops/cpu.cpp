@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TY_AVX2 1
@@ -568,8 +569,94 @@ void dense_region_mb(const float* x, long ldx, const Proj& p, float* y, long ldy
     for (long n = 0; n < p.N; n++) dense_row<KIND, MB>(x, ldx, p.K, p.w, n, y, ldy);
 }
 
+#ifdef TY_AVX2
+// Several activation rows (batched decode, prefill): tiles of RM activation rows × RN weight rows. Each loaded
+// weight vector meets RM activation vectors and each activation vector RN weight vectors, so a k-step is
+// RM + RN loads for RM·RN FMAs (the row-at-a-time loop above: MB + 1 loads for MB FMAs, which the loads bound)
+// and RM·RN independent accumulators hide the FMA latency. Tile sizes fill the vector registers:
+// RM·RN accumulators + RN weight vectors + 1 activation vector.
+template <class V>
+constexpr int tile_rm() { return V::REGS >= 32 ? 8 : 4; }
+template <class V>
+constexpr int tile_rn(int rm) { return (V::REGS - 1) / (rm + 1) > 8 ? 8 : (V::REGS - 1) / (rm + 1); }
+
+// y[m, n + j] = Σ_k x[m, k] · w[n + j, k] for m < RM, j < RN (the columns past whole vectors in scalar code).
+template <class V, int KIND, int RM, int RN, bool PREFETCH = true>
+void dense_tile(const float* x, long ldx, long K, const void* w, long n, float* y, long ldy) {
+    constexpr int W = V::W;
+    typename V::T acc[RM][RN];
+    for (int m = 0; m < RM; m++)
+        for (int j = 0; j < RN; j++) acc[m][j] = V::zero();
+    constexpr long WB = KIND == KF32 ? 4 : 2;  // bytes per weight
+    const char* ahead = static_cast<const char*>(w) + (n + RN) * K * WB;  // the next tile: the same offsets
+    long k = 0;
+    for (; k + W <= K; k += W) {
+        if (PREFETCH && (k * WB) % 64 == 0)  // one hint per line of each row
+            for (int j = 0; j < RN; j++) _mm_prefetch(ahead + (j * K + k) * WB, _MM_HINT_T0);
+        typename V::T wv[RN];
+        for (int j = 0; j < RN; j++) wv[j] = V::template weights<KIND>(w, (n + j) * K + k);
+        for (int m = 0; m < RM; m++) {
+            const auto xv = V::load(x + m * ldx + k);
+            for (int j = 0; j < RN; j++) acc[m][j] = V::fma(wv[j], xv, acc[m][j]);
+        }
+    }
+    for (int m = 0; m < RM; m++)
+        for (int j = 0; j < RN; j++) {
+            float t = V::sum(acc[m][j]);
+            for (long kk = k; kk < K; kk++) t += wscalar<KIND>(w, (n + j) * K + kk) * x[m * ldx + kk];
+            y[m * ldy + n + j] = t;
+        }
+}
+
+// A tile of height min(RM, rows) (the last activation rows of a call may not fill one).
+template <class V, int KIND, int RM, int RN>
+void dense_tile_rows(const float* x, long ldx, long rows, long K, const void* w, long n, float* y, long ldy) {
+    if (rows >= RM) dense_tile<V, KIND, RM, RN, RN != 1>(x, ldx, K, w, n, y, ldy);
+    else if constexpr (RM > 1) dense_tile_rows<V, KIND, RM - 1, RN>(x, ldx, rows, K, w, n, y, ldy);
+}
+
+// Weight rows [n0, n1) against activation rows [0, M) (M ≤ 2·RM: one or two tiles high): each weight tile meets
+// every activation tile while it is in L1. RN weight rows at a time, then one at a time.
+template <class V, int KIND, int RM>
+void dense_tiles(const float* x, long ldx, long M, long K, const void* w, long n0, long n1, float* y, long ldy) {
+    constexpr int RN = tile_rn<V>(RM);
+    long n = n0;
+    for (; n + RN <= n1; n += RN)
+        for (long m = 0; m < M; m += RM) dense_tile_rows<V, KIND, RM, RN>(x + m * ldx, ldx, M - m, K, w, n, y + m * ldy, ldy);
+    for (; n < n1; n++)
+        for (long m = 0; m < M; m += RM) dense_tile_rows<V, KIND, RM, 1>(x + m * ldx, ldx, M - m, K, w, n, y + m * ldy, ldy);
+}
+
+// Inside a parallel region: the weights in chunks of rows that stay in L2 (~192 KiB, and at least one chunk
+// per thread), chunks split statically between the threads; within a chunk, blocks of activation rows that
+// stay in L1 (≤ 24 KiB, at most two tiles high) meet its rows tile by tile. The weights come from memory once
+// for all M rows (prefetched a tile ahead: a tile's rows are short streams the hardware prefetcher misses), the
+// activations once per chunk.
+template <class V, int KIND>
+void dense_tiled(const float* x, long ldx, long M, const Proj& p, float* y, long ldy, int nt) {
+    constexpr int RM = tile_rm<V>(), RN = tile_rn<V>(RM);
+    const long K = p.K, N = p.N, wbytes = KIND == KF32 ? 4 : 2;
+    const long fit = std::max<long>(1, (192 << 10) / (K * wbytes) / RN) * RN;
+    const long share = (N + nt - 1) / nt;
+    const long nc = std::max<long>(RN, std::min(fit, (share + RN - 1) / RN * RN));
+    const long chunks = (N + nc - 1) / nc;
+    const long mb = (24 << 10) / (K * 4) >= 2 * RM ? 2 * RM : RM;
+#pragma omp for schedule(static)
+    for (long c = 0; c < chunks; c++) {
+        const long n0 = c * nc, n1 = std::min(N, n0 + nc);
+        for (long m = 0; m < M; m += mb)
+            dense_tiles<V, KIND, RM>(x + m * ldx, ldx, std::min(mb, M - m), K, p.w, n0, n1, y + m * ldy, ldy);
+    }
+}
+#endif
+
 template <int KIND>
 void dense_region(const float* x, long ldx, long M, const Proj& p, float* y, long ldy) {
+#if defined(TY_AVX512)
+    if (M > 1) return dense_tiled<Vec16, KIND>(x, ldx, M, p, y, ldy, omp_get_num_threads());
+#elif defined(TY_AVX2)
+    if (M > 1) return dense_tiled<Vec8, KIND>(x, ldx, M, p, y, ldy, omp_get_num_threads());
+#endif
     for (long m0 = 0; m0 < M;) {  // one pass over the weights per 8 activation rows
         const long left = M - m0;
         const float* xm = x + m0 * ldx;
@@ -853,6 +940,17 @@ void ty_dequant_i4(const uint8_t* w, const uint16_t* s, const int16_t* z, long N
             }
         }
     }
+}
+
+// The width of the vectors this build computes with: 16 (AVX-512), 8 (AVX2) or 1 (the portable scalar code).
+int ty_simd() {
+#if defined(TY_AVX512)
+    return 16;
+#elif defined(TY_AVX2)
+    return 8;
+#else
+    return 1;
+#endif
 }
 
 // Runs n ops in order in one parallel region of nt threads: a decode step recorded once (ops.Graph) costs
