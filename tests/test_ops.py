@@ -491,3 +491,20 @@ def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, monkeypatch, co
     err = (y.double() - x.double() @ w.double().t()).abs()
     assert (err <= product_bound(x, w, "native", spec).double()).all()
     assert count_linear == ([x.shape[0]] if tiled == "1" and not ops.bf16_gemm() else [])
+
+
+
+def test_a_graph_keeps_the_outputs_it_writes() -> None:
+    """A replay writes every recorded output, read or not: the graph holds them (an output dropped by the caller
+    would otherwise be written after its memory was reused)."""
+    import gc
+    import weakref
+
+    wt = torch.randn(48, 32)
+    x = torch.randn(3, 32)
+    g = ops.Graph()
+    out = weakref.ref(g.linear(x, ops.dense_weight(wt)))  # the caller keeps no reference to the output
+    gc.collect()
+    assert out() is not None
+    g.run()
+    torch.testing.assert_close(out(), x @ wt.t(), rtol=1e-5, atol=1e-5)

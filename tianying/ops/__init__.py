@@ -483,7 +483,7 @@ class Graph:
 
     def _add(self, built: tuple) -> torch.Tensor:
         self._ops.append(built[0])
-        self._keep.append(built[2])
+        self._keep.append((built[1], built[2]))  # the output too: a replay writes it whether or not it is read
         self._array = None
         return built[1]
 
