@@ -439,9 +439,9 @@ def count_linear(monkeypatch):  # noqa: ANN001, ANN201 - rows of each ops.linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_projections_on_the_tiled_kernel(dtype: torch.dtype, monkeypatch, count_linear) -> None:  # noqa: ANN001
-    """A forward of several tokens without autograd runs every projection and the head on the tiled kernel when
-    it is chosen (TIANYING_DENSE_GEMM=1), with PyTorch's logits; =0 leaves them to PyTorch."""
+def test_prefill_projections_on_the_native_kernels(dtype: torch.dtype, monkeypatch, count_linear) -> None:  # noqa: ANN001
+    """A forward of several tokens without autograd runs every projection and the head on the native kernels when
+    they are chosen (TIANYING_DENSE_GEMM=1), with PyTorch's logits; =0 leaves them to PyTorch."""
     m, cfg = _model(dtype=dtype)
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
