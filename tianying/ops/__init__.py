@@ -21,8 +21,9 @@ again in dispatch. So `cpu.cpp` provides the few operations a decode step is mad
 Every call takes tensors and reads their addresses for that call only; an `ops.Graph` records calls and
 replays them in one C call (`ty_run`), keeping what it recorded alive, and its owner (tianying.model's
 `DecodeGraph`) drops it when the model changes: no address is used after its tensor changed. Larger batches
-(prefill) dequantize row chunks with the reference's exact arithmetic and use the BLAS GEMM (`QuantLinear`
-decides); dense prefill is PyTorch's.
+(prefill) dequantize row chunks with the reference's exact arithmetic and multiply them on `linear` or the
+BLAS GEMM (`QuantLinear` decides, with `dense_gemm`); dense prefill projections take `linear` where
+`dense_gemm` says it is faster than PyTorch's GEMM (tianying.model.project), PyTorch's otherwise.
 
 Building: the system C++ compiler (`$CXX`, g++, c++ or clang++) with -O3 -fopenmp, plus -mavx2 -mfma -mf16c
 when torch reports an AVX2/AVX512 CPU, -mavx512f -mavx512bw where it reports AVX512 and the CPU has them (16-lane
