@@ -450,7 +450,8 @@ def test_prefill_projections_on_the_native_kernels(dtype: torch.dtype, monkeypat
         assert count_linear == []
         monkeypatch.setenv("TIANYING_DENSE_GEMM", "1")
         tiled = m(ids).float()
-    assert count_linear == [18] * (7 * cfg.n_layer + 1)
+    # (the portable scalar build leaves products of several rows to PyTorch: the same logits, no call)
+    assert count_linear == ([18] * (7 * cfg.n_layer + 1) if ops.simd_width() >= 8 else [])
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: each projection's output rounded, in another order
     torch.testing.assert_close(tiled, plain, rtol=tol, atol=tol)
 
@@ -464,7 +465,8 @@ def test_projections_with_hooks_or_autograd_stay_in_pytorch(monkeypatch, count_l
     with torch.no_grad():
         m(ids)
     h.remove()
-    assert seen == [(1, 6, 64)] and len(count_linear) == 7 * cfg.n_layer  # all but the hooked projection
+    assert seen == [(1, 6, 64)]
+    assert len(count_linear) == (7 * cfg.n_layer if ops.simd_width() >= 8 else 0)  # all but the hooked one
     count_linear.clear()
     m(ids).float().sum().backward()  # training: autograd needs PyTorch's ops
     assert count_linear == [] and m.model.layers[0].mlp.down_proj.weight.grad is not None
@@ -490,7 +492,7 @@ def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, monkeypatch, co
     w = q.dequantize()
     err = (y.double() - x.double() @ w.double().t()).abs()
     assert (err <= product_bound(x, w, "native", spec).double()).all()
-    assert count_linear == ([x.shape[0]] if tiled == "1" and not ops.bf16_gemm() else [])
+    assert count_linear == ([x.shape[0]] if tiled == "1" and not ops.bf16_gemm() and ops.simd_width() >= 8 else [])
 
 
 

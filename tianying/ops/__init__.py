@@ -532,8 +532,7 @@ def dense_gemm(dtype: torch.dtype, rows: int) -> bool:
     CPU multiplies bf16 natively (oneDNN's kernels then run faster), fp32 if the kernel was faster than
     PyTorch's sgemm when both were timed here (once per process, `_tiled_beats_sgemm`: MKL's speed differs by
     CPU vendor and generation). Only vector builds tile; `TIANYING_DENSE_GEMM=0|1` overrides the choice."""
-    lib = _LIB or _load()
-    if lib is None or not enabled() or dtype not in DENSE_KINDS or lib.ty_simd() < 8:
+    if not enabled() or dtype not in DENSE_KINDS or simd_width() < 8:
         return False
     forced = os.environ.get("TIANYING_DENSE_GEMM")
     if forced in ("0", "1"):
@@ -543,6 +542,12 @@ def dense_gemm(dtype: torch.dtype, rows: int) -> bool:
     if dtype is torch.float32:
         return _tiled_beats_sgemm(torch.get_num_threads())
     return not _native_bf16()
+
+
+def simd_width() -> int:
+    """Lanes of the vectors the loaded build computes with: 16 (AVX-512), 8 (AVX2), 1 (portable), 0 (none)."""
+    lib = _LIB or _load()
+    return 0 if lib is None else lib.ty_simd()
 
 
 @functools.cache
