@@ -248,10 +248,14 @@ def vs_llama_cpp(a) -> None:
             if a.variants and label.split()[0] not in a.variants.split(","):
                 continue
             gguf = f32 if variant == "f32" else lc.quantize(bins, f32, variant, tmp, a.threads)
-            print(f"{label}: llama.cpp {variant}...", file=sys.stderr, flush=True)
-            theirs = peer_rates(bins, gguf, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
-            print(f"{label}: tianying...", file=sys.stderr, flush=True)
-            ours = ours_rates(ckpt, dtype, quant, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
+            theirs, ours = {}, {}
+            for rnd in range(a.rounds):  # alternating, best of each: noise on a shared machine hits both sides
+                print(f"{label}: llama.cpp {variant} (round {rnd + 1})...", file=sys.stderr, flush=True)
+                t = peer_rates(bins, gguf, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
+                print(f"{label}: tianying (round {rnd + 1})...", file=sys.stderr, flush=True)
+                o = ours_rates(ckpt, dtype, quant, a.threads, a.batch, a.prompt, a.new_tokens, a.prefill, a.repeats)
+                theirs = {k: max(v, theirs.get(k, 0.0)) for k, v in t.items()}
+                ours = {k: max(v, ours.get(k, 0.0)) for k, v in o.items()}
             step = ours["weights_bytes"]
             for m in ("decode_b1", f"decode_b{a.batch}", "prefill"):
                 bound = bw / step * (a.batch if m != "decode_b1" else 1) if m != "prefill" else None
@@ -275,7 +279,7 @@ def vs_llama_cpp(a) -> None:
     for label in dict.fromkeys(r["weights"] for r in rows):
         rr = {r["measure"]: r["tianying"] for r in rows if r["weights"] == label}
         print(f"{label}: batch-{a.batch} / batch-1 decode tokens/s = {rr[f'decode_b{a.batch}'] / rr['decode_b1']:.2f}×")
-    print(json.dumps({"bench": "generate_vs_llama_cpp", "shape": a.shape, "threads": a.threads,
+    print(json.dumps({"bench": "generate_vs_llama_cpp", "shape": a.shape, "threads": a.threads, "rounds": a.rounds,
                       "bandwidth_gbs": bw / 1e9, "load_average": [load0, load], "batch": a.batch,
                       "prompt": a.prompt, "new_tokens": a.new_tokens, "prefill": a.prefill, "results": rows}))
 
@@ -309,6 +313,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512, help="prefill prompt length")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--llama-cpp", metavar="DIR", help="measure against llama.cpp (built in DIR/build/bin) instead")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --llama-cpp: alternate the two programs this many times, best of each")
     p.add_argument("--shape", default="135m", help="with --llama-cpp: a benchmarks/serve.py shape or a config name")
     p.add_argument("--variants", default="", help="with --llama-cpp: comma-separated subset of fp32,bf16,int8,int4")
     p.add_argument("--worker", choices=("timing", "memory"), help=argparse.SUPPRESS)
