@@ -468,6 +468,9 @@ def test_projections_with_hooks_or_autograd_stay_in_pytorch(monkeypatch, count_l
     assert seen == [(1, 6, 64)]
     assert len(count_linear) == (7 * cfg.n_layer if ops.simd_width() >= 8 else 0)  # all but the hooked one
     count_linear.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 products stay its own
+        assert m(ids).dtype == torch.bfloat16
+    assert count_linear == []
     m(ids).float().sum().backward()  # training: autograd needs PyTorch's ops
     assert count_linear == [] and m.model.layers[0].mlp.down_proj.weight.grad is not None
 

@@ -354,12 +354,12 @@ class Block(nn.Module):
 
 
 def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x); for a plain bias-free `nn.Linear` given several rows on the CPU with no autograd, no hook and no
-    compiler watching, the same product on `tianying.ops`' tiled kernel where that beats PyTorch's GEMM
-    (`ops.dense_gemm`: prefill, batched forwards, evaluation)."""
+    """m(x); for a plain bias-free `nn.Linear` given several rows on the CPU with no autograd, no hook, no
+    autocast and no compiler watching, the same product on `tianying.ops.linear` where that beats PyTorch's
+    GEMM (`ops.dense_gemm`: prefill, batched forwards, evaluation)."""
     if (type(m) is nn.Linear and x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() > x.shape[-1]
             and not (m._forward_hooks or m._forward_pre_hooks or _global_hooks())
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
         w = m._parameters["weight"]
         if m._parameters["bias"] is None and x.dtype is w.dtype and ops.dense_gemm(w.dtype, x.numel() // w.shape[1]):
             op = ops.dense_weight_of(m)
