@@ -478,11 +478,15 @@ def test_projections_with_hooks_or_autograd_stay_in_pytorch(monkeypatch, count_l
 @pytest.mark.skipif(not QUANT_NATIVE, reason="another quantization backend is forced")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("tiled", ["0", "1"])
-def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, monkeypatch, count_linear) -> None:  # noqa: ANN001
-    """Above NATIVE_MAX_ROWS rows QuantLinear dequantizes row chunks and multiplies them on the tiled kernel or on
-    PyTorch's GEMM: both within the analytic bound of the exact product with Ŵ."""
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, chunks: int, monkeypatch, count_linear) -> None:  # noqa: ANN001
+    """Above NATIVE_MAX_ROWS rows QuantLinear dequantizes row chunks (one, or two of 40 and 32 rows) and multiplies
+    them on the ops or on PyTorch's GEMM: both within the analytic bound of the exact product with Ŵ."""
+    from tianying.quantize import linear
     from tianying.quantize.linear import NATIVE_MAX_ROWS, product_bound
 
+    if chunks == 2:
+        monkeypatch.setattr(linear, "DEQUANT_CHUNK_ELEMENTS", 40 * 256)
     monkeypatch.setenv("TIANYING_DENSE_GEMM", tiled)
     monkeypatch.setenv("TIANYING_QUANT_BACKEND", "native")
     g = torch.Generator().manual_seed(bits)
@@ -495,7 +499,8 @@ def test_quantized_prefill_on_either_gemm(bits: int, tiled: str, monkeypatch, co
     w = q.dequantize()
     err = (y.double() - x.double() @ w.double().t()).abs()
     assert (err <= product_bound(x, w, "native", spec).double()).all()
-    assert count_linear == ([x.shape[0]] if tiled == "1" and not ops.bf16_gemm() and ops.simd_width() >= 8 else [])
+    native_gemm = tiled == "1" and not ops.bf16_gemm() and ops.simd_width() >= 8
+    assert count_linear == ([x.shape[0]] * chunks if native_gemm else [])
 
 
 
