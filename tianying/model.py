@@ -468,8 +468,7 @@ class DecodeGraphs(dict):
 
     def get(self, model: Transformer, rows: tuple) -> DecodeGraph | None:
         k, v = rows[0], rows[1]
-        if (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
-                or any(b._forward_pre_hooks or b._forward_hooks for b in model.model.layers)):
+        if _global_hooks() or any(b._forward_pre_hooks or b._forward_hooks for b in model.model.layers):
             return None
         key = (k.data_ptr(), v.data_ptr(), k.shape, k.stride(), k.dtype)
         entry = super().get(key)

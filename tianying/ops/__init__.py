@@ -523,15 +523,15 @@ def bf16_gemm() -> bool:
     return _native_bf16() and os.environ.get("TIANYING_PREFILL_BF16", "1") != "0"
 
 
-FEW_ROWS = 16  # up to this many rows the tiled kernel is used whatever the GEMM (measured: ≥ 2× PyTorch's)
+FEW_ROWS = 16  # up to this many rows `linear` is used whatever the GEMM (measured: ≥ 1.5× PyTorch's)
 
 
 def dense_gemm(dtype: torch.dtype, rows: int) -> bool:
     """Whether a product of `rows` rows with dense weights of `dtype` (prefill, batched forwards) should run on
-    these ops' tiled kernel rather than PyTorch's GEMM: for few rows always; for more, bf16 / fp16 unless the
-    CPU multiplies bf16 natively (oneDNN's kernels then run faster), fp32 if the kernel was faster than
-    PyTorch's sgemm when both were timed here (once per process, `_tiled_beats_sgemm`: MKL's speed differs by
-    CPU vendor and generation). Only vector builds tile; `TIANYING_DENSE_GEMM=0|1` overrides the choice."""
+    `linear` rather than PyTorch's GEMM: for few rows always; for more, bf16 / fp16 unless the CPU multiplies
+    bf16 natively (oneDNN's kernels then run faster), fp32 if `linear` was faster than PyTorch's sgemm when
+    both were timed here (once per process, `_ops_beat_sgemm`: MKL's speed differs by CPU vendor and
+    generation). Only vector builds qualify; `TIANYING_DENSE_GEMM=0|1` overrides the choice."""
     if not enabled() or dtype not in DENSE_KINDS or simd_width() < 8:
         return False
     forced = os.environ.get("TIANYING_DENSE_GEMM")
@@ -540,7 +540,7 @@ def dense_gemm(dtype: torch.dtype, rows: int) -> bool:
     if rows <= FEW_ROWS:
         return True
     if dtype is torch.float32:
-        return _tiled_beats_sgemm(torch.get_num_threads())
+        return _ops_beat_sgemm(torch.get_num_threads())
     return not _native_bf16()
 
 
@@ -551,8 +551,8 @@ def simd_width() -> int:
 
 
 @functools.cache
-def _tiled_beats_sgemm(threads: int) -> bool:
-    """Times a 256×1024 by 1024×1024 fp32 product (best of 3) on the tiled kernel and on PyTorch's GEMM."""
+def _ops_beat_sgemm(threads: int) -> bool:
+    """Times a 256×1024 by 1024×1024 fp32 product (best of 3) on `linear` and on PyTorch's GEMM."""
     import time
 
     g = torch.Generator().manual_seed(0)

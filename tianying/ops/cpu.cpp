@@ -666,23 +666,20 @@ void dense_tile_rows(const float* x, long ldx, long rows, long K, const void* w,
     else if constexpr (RM > 1) dense_tile_rows<V, KIND, RM - 1, RN>(x, ldx, rows, K, w, n, y, ldy);
 }
 
-// Weight rows [n0, n1) against activation rows [0, M) (M ≤ 2·RM: one or two tiles high): each weight tile meets
-// every activation tile while it is in L1. RN weight rows at a time, then one at a time.
+// Weight rows [n0, n1) against one tile height of activation rows (rows ≤ RM): RN weight rows at a time, then
+// one at a time.
 template <class V, int KIND, int RM>
-void dense_tiles(const float* x, long ldx, long M, long K, const void* w, long n0, long n1, float* y, long ldy) {
+void dense_tiles(const float* x, long ldx, long rows, long K, const void* w, long n0, long n1, float* y, long ldy) {
     constexpr int RN = tile_rn<V>(RM);
     long n = n0;
-    for (; n + RN <= n1; n += RN)
-        for (long m = 0; m < M; m += RM) dense_tile_rows<V, KIND, RM, RN>(x + m * ldx, ldx, M - m, K, w, n, y + m * ldy, ldy);
-    for (; n < n1; n++)
-        for (long m = 0; m < M; m += RM) dense_tile_rows<V, KIND, RM, 1>(x + m * ldx, ldx, M - m, K, w, n, y + m * ldy, ldy);
+    for (; n + RN <= n1; n += RN) dense_tile_rows<V, KIND, RM, RN>(x, ldx, rows, K, w, n, y, ldy);
+    for (; n < n1; n++) dense_tile_rows<V, KIND, RM, 1>(x, ldx, rows, K, w, n, y, ldy);
 }
 
 // Inside a parallel region: the weights in chunks of rows that stay in L2 (~192 KiB, and at least one chunk
-// per thread), chunks split statically between the threads; within a chunk, blocks of activation rows that
-// stay in L1 (≤ 24 KiB, at most two tiles high) meet its rows tile by tile. The weights come from memory once
-// for all M rows (prefetched a tile ahead: a tile's rows are short streams the hardware prefetcher misses), the
-// activations once per chunk.
+// per thread), chunks split statically between the threads; within a chunk, every RM activation rows meet its
+// rows tile by tile. The weights come from memory once for all M rows (prefetched a tile ahead: a tile's rows
+// are short streams the hardware prefetcher misses), the activations once per chunk.
 template <class V, int KIND>
 void dense_tiled(const float* x, long ldx, long M, const Proj& p, float* y, long ldy, int nt) {
     constexpr int RM = tile_rm<V>(), RN = tile_rn<V>(RM);
@@ -691,12 +688,10 @@ void dense_tiled(const float* x, long ldx, long M, const Proj& p, float* y, long
     const long share = (N + nt - 1) / nt;
     const long nc = std::max<long>(RN, std::min(fit, (share + RN - 1) / RN * RN));
     const long chunks = (N + nc - 1) / nc;
-    const long mb = (24 << 10) / (K * 4) >= 2 * RM ? 2 * RM : RM;
 #pragma omp for schedule(static)
     for (long c = 0; c < chunks; c++) {
         const long n0 = c * nc, n1 = std::min(N, n0 + nc);
-        for (long m = 0; m < M; m += mb)
-            dense_tiles<V, KIND, RM>(x + m * ldx, ldx, std::min(mb, M - m), K, p.w, n0, n1, y + m * ldy, ldy);
+        for (long m = 0; m < M; m += RM) dense_tiles<V, KIND, RM>(x + m * ldx, ldx, M - m, K, p.w, n0, n1, y + m * ldy, ldy);
     }
 }
 #endif

@@ -535,13 +535,13 @@ class QuantLinear(nn.Module):
         step = max(8, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         buf = torch.empty(min(step, N), self.in_features, dtype=torch.float32)
         lowp = native.bf16_gemm()  # bf16 products, fp32 sums, where the CPU multiplies bf16 natively
-        tiled = not lowp and native.dense_gemm(torch.float32, M)  # else PyTorch's GEMM
+        on_ops = not lowp and native.dense_gemm(torch.float32, M)  # else PyTorch's GEMM
         xg = x2.to(torch.bfloat16) if lowp else x2
         parts = []
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
             w = (native.dequant_i8 if int8 else native.dequant_i4)(self.qweight, self.scales, self.zeros, n0, n1, buf)
-            if tiled:
+            if on_ops:
                 part = native.linear(x2, native.dense_weight(w))
             else:
                 part = xg @ (w.to(torch.bfloat16) if lowp else w).t()
